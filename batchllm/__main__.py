@@ -1,0 +1,5 @@
+import sys
+
+from batchllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""`batchllm` / `python -m batchllm`: run, analyze, demo and bench subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Engine options shared by the subcommands that load a model."""
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on AVX512-BF16 CPUs and CUDA, else fp32), float32, bfloat16")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="exact KV cache budget in bytes")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--policy", default="batchllm", choices=["batchllm", "fcfs-cache", "lpm-cache", "fcfs"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory_bytes, block_size=args.block_size,
+                max_num_batched_tokens=args.max_num_batched_tokens, policy=args.policy, seed=args.seed,
+                device=args.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="batchllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from batchllm.jobs import command as run_cmd
+
+    p = sub.add_parser("run", help="run an OpenAI Batch JSONL file (resumable)")
+    run_cmd.add_arguments(p)
+
+    p = sub.add_parser("analyze", help="report the prefix sharing a prompts file allows, before running anything")
+    p.add_argument("prompts", help="JSONL: OpenAI Batch lines, {'prompt': ...} or {'prompt_token_ids': [...]}")
+    p.add_argument("--model", default=None, help="model folder (its tokenizer); default: the embedded demo model")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+    p = sub.add_parser("demo", help="run a demo batch on the embedded tiny model (built on first use)")
+    p.add_argument("--num-prompts", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=32)
+    add_engine_arguments(p)
+
+    p = sub.add_parser("bench", help="benchmark against peers (wraps benchmarks/run.py from a source checkout)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run_cmd.main(args)
+    if args.command == "analyze":
+        from batchllm.analyze import main as analyze_main
+
+        return analyze_main(args)
+    if args.command == "demo":
+        from batchllm.demo import main as demo_main
+
+        return demo_main(args)
+    if args.command == "bench":
+        return _bench(args.bench_args)
+    return 2
+
+
+def _bench(bench_args: list[str]) -> int:
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    if not script.exists():
+        print("batchllm bench needs a source checkout (benchmarks/run.py)", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *bench_args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""The KV tensors: one `[2, num_blocks, block_size, num_kv_heads, head_dim]` tensor per layer (0 = K, 1 = V)."""
+
+from __future__ import annotations
+
+import torch
+
+from batchllm.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = device
+        shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return block_size * cfg.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
+
+    @classmethod
+    def blocks_for_budget(cls, cfg: ModelConfig, budget_bytes: int, block_size: int, dtype: torch.dtype) -> int:
+        """The most blocks whose tensors fit in `budget_bytes` (the budget is never exceeded)."""
+        return budget_bytes // cls.bytes_per_block(cfg, block_size, dtype)

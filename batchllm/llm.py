@@ -1,0 +1,464 @@
+"""`LLM`: the engine behind a vLLM-shaped API.
+
+A call to `generate` / `chat` / `generate_stream` runs the whole batch:
+
+    validate + tokenize  ->  plan (global prefix tree -> groups)  ->  order groups (decode-heavy first)
+    ->  loop { schedule -> run model -> sample -> update }  ->  outputs as requests finish
+
+`step()` is the loop body; everything it touches lives on the engine object, nothing is module-global.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from batchllm.config import EngineConfig, ModelConfig
+from batchllm.detokenize import IncrementalDetokenizer, find_stop
+from batchllm.kv.block_pool import BlockPool, block_hashes
+from batchllm.kv.cache import KVCache
+from batchllm.model.llama import LlamaModel
+from batchllm.model.loader import load_weights
+from batchllm.outputs import CompletionOutput, RequestOutput
+from batchllm.prefix.plan import plan_batch
+from batchllm.request import Sequence as Seq
+from batchllm.runner import ModelRunner, SampleRow
+from batchllm.sampling import SamplingParams, derive_seed
+from batchllm.scheduler import Scheduler, StepPlan
+from batchllm.tokenizer import encode, encode_chat, load_tokenizer
+
+Prompt = str | dict
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 matmuls beat fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if dtype not in names:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def default_kv_budget(device: torch.device) -> int:
+    """A sensible share of free memory for the KV cache: 80% of free GPU memory, or 25% of available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.8)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return int(info["MemAvailable"] * 0.25)
+    except (OSError, KeyError):
+        return 2 << 30
+
+
+@dataclass
+class _Request:
+    """Per-request bookkeeping while a batch runs."""
+
+    index: int
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    leaves: list[Seq] = field(default_factory=list)
+    outputs: list[CompletionOutput | None] = field(default_factory=list)
+    detok: list[IncrementalDetokenizer | None] = field(default_factory=list)
+    logprobs: list[list[dict[int, float]] | None] = field(default_factory=list)
+    cumulative: list[float] = field(default_factory=list)
+    pending: int = 0
+
+
+class LLM:
+    """Offline batch inference over a local Hugging Face Llama-family checkpoint."""
+
+    def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", kv_cache_memory_bytes: int | None = None,
+                 block_size: int = 16, max_num_batched_tokens: int = 2048, seed: int = 0, device: str = "auto",
+                 policy: str = "batchllm", decode_estimate: str = "history", max_num_seqs: int = 256,
+                 plan_mode: str = "nested"):
+        model_dir = Path(model)
+        if not (model_dir / "config.json").exists():
+            model_dir = Path(_download(str(model)))
+        self.model_dir = model_dir
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model_config = ModelConfig.from_hf(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
+        budget = kv_cache_memory_bytes if kv_cache_memory_bytes is not None else default_kv_budget(self.device)
+        num_blocks = KVCache.blocks_for_budget(self.model_config, budget, block_size, self.dtype)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory_bytes={budget} holds no KV block of {block_size} tokens "
+                             f"({KVCache.bytes_per_block(self.model_config, block_size, self.dtype)} bytes)")
+        self.config = EngineConfig(block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
+                                   kv_cache_blocks=num_blocks, policy=policy, seed=seed,
+                                   decode_estimate=decode_estimate)
+        if plan_mode not in ("nested", "one-level", "none"):
+            raise ValueError(f"plan_mode must be 'nested', 'one-level' or 'none', got {plan_mode!r}")
+        self.plan_mode = plan_mode if policy == "batchllm" else "none"
+        self.max_num_seqs = max_num_seqs
+        self.model = LlamaModel(self.model_config, self.dtype, self.device)
+        load_weights(self.model, model_dir)
+        self.kv = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device)
+        eos = self.model_config.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id
+                                                   is not None else ())
+        self.eos_token_ids = frozenset(eos)
+        self.runner = ModelRunner(self.model, self.kv, next(iter(sorted(eos)), None))
+        self.progress: dict = {}
+        self._stats: dict = {}
+
+    # ------------------------------------------------------------------ API
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params=None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        bar = _progress_bar(len(prompts), use_tqdm)
+        for i, out in self.generate_stream(prompts, sampling_params):
+            results[i] = out
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return results  # type: ignore[return-value]
+
+    def chat(self, conversations, sampling_params=None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """`generate` over conversations (lists of messages) rendered by the tokenizer's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts: list[Prompt] = []
+        for conv in conversations:
+            try:
+                text, ids = encode_chat(self.tokenizer, conv, add_generation_prompt)
+                prompts.append({"prompt": text, "prompt_token_ids": ids})
+            except Exception as e:  # a bad conversation fails alone
+                prompts.append({"error": f"invalid conversation: {e}"})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    # ------------------------------------------------------------ the batch
+    def generate_stream(self, prompts: Iterable[Prompt], sampling_params=None) -> Iterator[tuple[int, RequestOutput]]:
+        """Run the batch, yielding (input index, output) as each request finishes."""
+        prompts = list(prompts)
+        params_list = _expand_params(sampling_params, len(prompts))
+        start = time.perf_counter()
+        self._begin(len(prompts))
+        requests: list[_Request] = []
+        for i, (p, sp) in enumerate(zip(prompts, params_list)):
+            req, error = self._make_request(i, p, sp)
+            if error is not None:
+                self._stats["num_errors"] += 1
+                self.progress["requests_done"] += 1
+                yield i, RequestOutput(request_id=str(i), prompt=req.prompt, prompt_token_ids=req.prompt_ids,
+                                       outputs=[CompletionOutput(0, "", [], "error")], finished=True, error=error)
+            else:
+                requests.append(req)
+        self.scheduler = Scheduler(self.config, BlockPool(self.config.kv_cache_blocks), self.max_num_seqs)
+        self._requests = {r.index: r for r in requests}
+        self._add_requests(requests)
+        peak_blocks = 0
+        while self.scheduler.has_work():
+            finished = self.step()
+            peak_blocks = max(peak_blocks, self.scheduler.pool.num_used)
+            self._stats["peak_kv_blocks"] = peak_blocks
+            self.progress["elapsed_s"] = time.perf_counter() - start
+            for req in finished:
+                yield req.index, self._request_output(req)
+        self._stats["elapsed_s"] = time.perf_counter() - start
+        self._stats["preemptions"] = self.scheduler.num_preemptions
+        self._requests = {}
+
+    def _begin(self, n: int) -> None:
+        self._stats = {"num_requests": n, "num_errors": 0, "prompt_tokens": 0, "computed_prompt_tokens": 0,
+                       "output_tokens": 0, "elapsed_s": 0.0, "preemptions": 0, "peak_kv_blocks": 0,
+                       "kv_blocks_total": self.config.kv_cache_blocks, "policy": self.config.policy,
+                       "plan": {}, "trace": []}
+        self.progress = {"step": 0, "requests_total": n, "requests_done": 0, "prompt_tokens": 0,
+                         "computed_prompt_tokens": 0, "output_tokens": 0, "elapsed_s": 0.0, "kv_blocks_used": 0,
+                         "kv_blocks_total": self.config.kv_cache_blocks, "num_running": 0, "num_waiting": 0}
+
+    def _make_request(self, i: int, prompt: Prompt, params: SamplingParams) -> tuple[_Request, str | None]:
+        """Tokenize and validate one prompt; return the request and an error message (None when it can run)."""
+        text, ids, error = None, [], None
+        try:
+            if isinstance(prompt, str):
+                text, ids = prompt, encode(self.tokenizer, prompt)
+            elif isinstance(prompt, dict) and "error" in prompt:
+                error = str(prompt["error"])
+            elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+                text, ids = prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+                text, ids = prompt["prompt"], encode(self.tokenizer, prompt["prompt"])
+            else:
+                error = "a prompt must be a str, {'prompt': str} or {'prompt_token_ids': [int, ...]}"
+        except Exception as e:
+            error = f"could not tokenize the prompt: {e}"
+        seed = params.seed if params.seed is not None else derive_seed(self.config.seed, i)
+        req = _Request(i, text, ids, params, seed)
+        if error is None:
+            error = self._check_fits(ids, params)
+        return req, error
+
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> str | None:
+        cfg, bs = self.model_config, self.config.block_size
+        if not ids:
+            return "the prompt is empty"
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            return f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})"
+        total = len(ids) + params.max_tokens
+        if total > cfg.max_model_len:
+            return (f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
+                    f"context of {cfg.max_model_len} tokens")
+        if -(-total // bs) > self.config.kv_cache_blocks:
+            return (f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs {-(-total // bs)} KV blocks; "
+                    f"the KV cache holds {self.config.kv_cache_blocks}")
+        return None
+
+    def _add_requests(self, requests: list[_Request]) -> None:
+        """Build sequences (nodes and leaves) from the global plan and queue the groups, decode-heavy first."""
+        bs = self.config.block_size
+        flat: list[tuple[_Request, int]] = [(r, k) for r in requests for k in range(r.params.n)]
+        plan = plan_batch([r.prompt_ids for r, _ in flat], bs, mode=self.plan_mode)
+        self._stats["plan"] = plan.stats.to_dict()
+        self._stats["prompt_tokens"] = sum(len(r.prompt_ids) for r in requests)
+        self.progress["prompt_tokens"] = self._stats["prompt_tokens"]
+        seq_id = 0
+        nodes: list[Seq] = []
+        for node in plan.nodes:
+            parent = nodes[node.parent] if node.parent >= 0 else None
+            ids = flat[node.request][0].prompt_ids[:node.end]
+            seq = Seq(seq_id, ids, node.start, parent, is_node=True)
+            seq_id += 1
+            nodes.append(seq)
+            if parent is not None:
+                parent.children.append(seq)
+        caching = self.config.policy in ("fcfs-cache", "lpm-cache")
+        leaves: list[Seq] = []
+        for j, (req, k) in enumerate(flat):
+            lp = plan.leaf_parent[j]
+            parent = nodes[lp] if lp >= 0 else None
+            start = parent.num_tokens if parent is not None else 0
+            leaf = Seq(seq_id, list(req.prompt_ids), start, parent, is_node=False, request_index=req.index,
+                       sample_index=k, max_tokens=req.params.max_tokens)
+            seq_id += 1
+            leaf.num_cached_tokens = start
+            if caching:
+                leaf.block_hashes = block_hashes(req.prompt_ids, bs)
+            if parent is not None:
+                parent.children.append(leaf)
+            leaves.append(leaf)
+            req.leaves.append(leaf)
+            req.outputs.append(None)
+            req.cumulative.append(0.0)
+            req.logprobs.append([] if req.params.logprobs is not None else None)
+            req.detok.append(IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.skip_special_tokens)
+                             if req.params.stop else None)
+            req.pending += 1
+        for n in nodes:
+            n.pending_children = len(n.children)
+        self._leaf_req = {leaf.seq_id: (req, leaf.sample_index) for req in requests for leaf in req.leaves}
+        roots = []
+        for g, (members, root) in enumerate(zip(plan.groups, plan.group_root)):
+            decode = sum(flat[j][0].params.max_tokens for j in members)
+            if root >= 0:
+                top = nodes[root]
+                prefill = sum(n.num_tokens - n.start for n in nodes if self._root_of(n) is top)
+                prefill += sum(leaves[j].num_tokens - leaves[j].start for j in members)
+            else:
+                top = leaves[members[0]]
+                prefill = top.num_tokens
+            roots.append((decode / max(1, prefill), g, top))
+        if self.config.policy == "batchllm":
+            roots.sort(key=lambda x: (-x[0], x[1]))  # decode-heavy groups first; stable otherwise
+        else:
+            roots.sort(key=lambda x: (x[2].request_index if not x[2].is_node else -1, x[1]))
+        self.scheduler.add([top for _, _, top in roots])
+
+    @staticmethod
+    def _root_of(seq: Seq) -> Seq:
+        while seq.parent is not None:
+            seq = seq.parent
+        return seq
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[_Request]:
+        """One engine step: schedule, run, sample, update. Returns the requests that finished."""
+        plan = self.scheduler.schedule()
+        if not plan.seqs:
+            return self._fail_stuck()
+        rows = [SampleRow(s, self._leaf_req[s.seq_id][0].params, self._leaf_seed(s))
+                for i, s in enumerate(plan.seqs) if plan.samples(i)]
+        result = self.runner.execute(plan, rows)
+        self.scheduler.commit(plan)
+        self._account(plan, rows)
+        finished = []
+        if result is not None:
+            for row, tok, lp, top in zip(rows, result.token_ids, result.logprobs, result.top_logprobs):
+                req = self._append_token(row.seq, tok, lp, top)
+                if req is not None:
+                    finished.append(req)
+        return finished
+
+    def _leaf_seed(self, seq: Seq) -> int:
+        req, k = self._leaf_req[seq.seq_id]
+        return req.seed if k == 0 else derive_seed(req.seed, k)
+
+    def _account(self, plan: StepPlan, rows: list[SampleRow]) -> None:
+        prefill = 0
+        for s, n in zip(plan.seqs, plan.num_new):
+            prefill += max(0, min(s.num_computed_tokens, s.num_prompt_tokens) - (s.num_computed_tokens - n))
+        st, pr = self._stats, self.progress
+        st["computed_prompt_tokens"] += prefill
+        st["output_tokens"] += len(rows)
+        sched = self.scheduler
+        st["trace"].append({"t": round(time.perf_counter(), 4), "prefill_tokens": prefill,
+                            "decode_tokens": plan.num_tokens - prefill, "num_seqs": len(plan.seqs),
+                            "kv_blocks_used": sched.pool.num_used})
+        pr.update(step=pr["step"] + 1, computed_prompt_tokens=st["computed_prompt_tokens"],
+                  output_tokens=st["output_tokens"], kv_blocks_used=sched.pool.num_used,
+                  num_running=len(sched.running), num_waiting=len(sched.waiting))
+
+    def _append_token(self, seq: Seq, tok: int, lp: float | None, top) -> _Request | None:
+        """Append a sampled token to a leaf; finish it on a stop condition. Returns its request if that finished."""
+        req, k = self._leaf_req[seq.seq_id]
+        p = req.params
+        seq.token_ids.append(tok)
+        if lp is not None:
+            req.cumulative[k] += lp
+        if req.logprobs[k] is not None:
+            entry = {tok: lp} if lp is not None else {}
+            for t, v in top or ():
+                entry.setdefault(t, v)
+            req.logprobs[k].append(entry)
+        n_out = seq.num_output_tokens
+        reason, stop_reason, text = None, None, None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and tok in self.eos_token_ids:
+                reason = "stop"
+            elif tok in p.stop_token_ids:
+                reason, stop_reason = "stop", tok
+        det = req.detok[k]
+        if det is not None:
+            new = det.push(tok)
+            if reason is None and n_out >= p.min_tokens:
+                full = det.text
+                at = find_stop(full, len(new), p.stop)
+                if at is not None:
+                    reason = "stop"
+                    stop_reason = next(s for s in p.stop if full.startswith(s, at))
+                    text = full[:at]
+        if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.model_config.max_model_len):
+            reason = "length"
+        if reason is None:
+            return None
+        if text is None:
+            text = det.text if det is not None else self.tokenizer.decode(
+                seq.output_ids, skip_special_tokens=p.skip_special_tokens)
+        req.outputs[k] = CompletionOutput(k, text, list(seq.output_ids), reason, stop_reason,
+                                          req.cumulative[k] if p.logprobs is not None else None, req.logprobs[k])
+        self.scheduler.finish(seq)
+        req.pending -= 1
+        if req.pending:
+            return None
+        self.progress["requests_done"] += 1
+        return req
+
+    def _fail_stuck(self) -> list[_Request]:
+        """No sequence could be scheduled even with nothing running: fail the head of the queue."""
+        head = self.scheduler.waiting[0]
+        leaves = [head] if not head.is_node else self._leaves_under(head)
+        finished = []
+        for leaf in leaves:
+            req, k = self._leaf_req[leaf.seq_id]
+            req.outputs[k] = CompletionOutput(k, "", list(leaf.output_ids), "error")
+            self.scheduler.finish(leaf)
+            req.pending -= 1
+            if req.pending == 0:
+                self.progress["requests_done"] += 1
+                finished.append(req)
+        if head.is_node and head in self.scheduler.waiting:
+            self.scheduler.waiting.remove(head)
+        return finished
+
+    @staticmethod
+    def _leaves_under(node: Seq) -> list[Seq]:
+        out, stack = [], [node]
+        while stack:
+            s = stack.pop()
+            if s.is_node:
+                stack.extend(s.children)
+            else:
+                out.append(s)
+        return out
+
+    def _request_output(self, req: _Request) -> RequestOutput:
+        outs = [o for o in req.outputs if o is not None]
+        error = None
+        if any(o.finish_reason == "error" for o in outs):
+            error = "the request could not be scheduled within the KV cache budget"
+        return RequestOutput(request_id=str(req.index), prompt=req.prompt, prompt_token_ids=req.prompt_ids,
+                             outputs=outs, num_cached_tokens=req.leaves[0].num_cached_tokens, finished=True,
+                             error=error)
+
+
+def _expand_params(sampling_params, n: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    params = list(sampling_params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling_params for {n} prompts")
+    return params
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="requests", unit="req", disable=os.environ.get("BATCHLLM_NO_TQDM") == "1")
+
+
+def _download(model_id: str) -> str:
+    """A hub id: fetch through huggingface_hub where a network exists."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:
+        raise FileNotFoundError(f"{model_id!r} is not a local model folder (no config.json) and could not be "
+                                f"downloaded: {e}") from e

@@ -1,0 +1,67 @@
+"""Numerics shared by the Llama family, following HF `modeling_llama.py`: RMSNorm with fp32 upcast, rotate_half RoPE
+(default, linear and llama3 frequency scaling) and the gated SiLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from batchllm.config import RopeConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm: normalise in fp32, cast back to the input dtype, then scale by the weight."""
+    dtype = x.dtype
+    h = x.float()  # [T, hidden]
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in fp32, with HF's linear or llama3 scaling applied."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryTable:
+    """cos/sin for every position up to `max_len`, computed once in fp32 exactly as HF does, then cast."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        inv_freq = rope_inv_freq(rope, head_dim)  # [D/2]
+        pos = torch.arange(max_len, dtype=torch.float32)  # [P]
+        freqs = pos[:, None] * inv_freq[None, :]  # [P, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.cos = emb.cos().to(dtype=dtype, device=device)  # [P, D]
+        self.sin = emb.sin().to(dtype=dtype, device=device)  # [P, D]
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q [T, H, D] and k [T, KVH, D] to their absolute positions [T]."""
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1)  # [T, 1, D]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias=None, down_bias=None):
+    """SiLU(gate) * up, then down; gate and up are one fused weight [2 * I, hidden]."""
+    gu = F.linear(x, gate_up, gate_up_bias)  # [T, 2I]
+    gate, up = gu.chunk(2, dim=-1)  # [T, I] each
+    return F.linear(F.silu(gate) * up, down, down_bias)  # [T, hidden]

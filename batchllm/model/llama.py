@@ -1,0 +1,88 @@
+"""The Llama / Qwen2 / Mistral decoder over a packed, unpadded batch of tokens.
+
+Every step the runner hands `forward` one `ForwardBatch`: the T tokens of all scheduled sequences laid end to end,
+their absolute positions, and the attention metadata describing which KV each token sees. There is no global
+forward context: everything a layer needs arrives through that object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from batchllm.config import ModelConfig
+from batchllm.model.attention import AttentionMetadata, paged_attention
+from batchllm.model.layers import RotaryTable, gated_mlp, rms_norm
+
+
+@dataclass
+class ForwardBatch:
+    """One step's input. `logits_rows` are the rows whose next-token logits are wanted (the samplers' rows)."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, absolute positions
+    attn: AttentionMetadata
+    logits_rows: torch.Tensor  # [B] int64
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+
+        def param(*shape):
+            return torch.nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.input_norm = param(h)
+        self.post_attn_norm = param(h)
+        self.qkv = param(qkv_out, h)
+        self.qkv_bias = param(qkv_out) if cfg.qkv_bias else None
+        self.o_proj = param(h, cfg.num_heads * d)
+        self.o_bias = param(h) if cfg.o_bias else None
+        self.gate_up = param(2 * cfg.intermediate_size, h)
+        self.gate_up_bias = param(2 * cfg.intermediate_size) if cfg.mlp_bias else None
+        self.down = param(h, cfg.intermediate_size)
+        self.down_bias = param(h) if cfg.mlp_bias else None
+
+
+class LlamaModel(torch.nn.Module):
+    """Decoder-only transformer; weights are filled by `batchllm.model.loader.load_weights`."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = torch.nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device),
+                                        requires_grad=False)
+        self.layers = torch.nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = torch.nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.lm_head = None if cfg.tie_word_embeddings else torch.nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.rotary = RotaryTable(cfg.rope, cfg.head_dim, cfg.max_model_len, dtype, device)
+        self.scale = cfg.head_dim ** -0.5
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """Run the step, writing this step's K/V into `kv_caches` (one [2, blocks, block_size, KVH, D] per layer),
+        and return fp32 logits [B, V] of `batch.logits_rows`."""
+        cfg = self.cfg
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        x = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)  # [T, hidden]
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [T, (H + 2 KVH) D]
+            q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+            q = q.view(-1, nh, d)  # [T, H, D]
+            k = k.view(-1, nkv, d)  # [T, KVH, D]
+            v = v.view(-1, nkv, d)  # [T, KVH, D]
+            q, k = self.rotary.apply(q, k, batch.positions)
+            o = paged_attention(q, k, v, kv_cache, batch.attn, self.scale)  # [T, H, D]
+            x = x + F.linear(o.reshape(-1, nh * d), layer.o_proj, layer.o_bias)  # [T, hidden]
+            h = rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps)
+            x = x + gated_mlp(h, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias)
+        h = rms_norm(x[batch.logits_rows], self.norm, cfg.rms_norm_eps)  # [B, hidden]
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(h, head).float()  # [B, V]

@@ -1,0 +1,92 @@
+"""What the scheduler tracks per sequence. Pure Python, no torch.
+
+A *sequence* owns a run of consecutive token positions `[start, num_tokens)` and the KV blocks that hold them. Two
+kinds exist:
+
+- a **node**: a shared prefix of a group, computed once, sampling nothing; it holds its blocks until every sequence
+  below it has finished;
+- a **leaf**: one sample of one request (a request with n = 3 is three leaves). It samples a token whenever all of its
+  tokens have been computed.
+
+A leaf's block table is its ancestors' blocks followed by its own:
+
+    positions  0 ........ 64 ............ 128 .............. num_tokens
+               [ node A (root) ][ node B (nested) ][ leaf's own tokens + output ]
+    blocks     A.blocks          B.blocks           leaf.blocks
+               start=0           start=A.end        start=B.end   (every start is a multiple of block_size)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    COMPUTED = "computed"  # a node whose tokens are all in KV; waits for its children
+    FINISHED = "finished"
+
+
+class Sequence:
+    __slots__ = (
+        "seq_id", "token_ids", "start", "parent", "is_node", "num_prompt_tokens", "num_computed_tokens", "blocks",
+        "status", "children", "pending_children", "request_index", "sample_index", "max_tokens", "group",
+        "block_hashes", "num_cached_tokens", "num_preemptions", "admitted_step",
+    )
+
+    def __init__(self, seq_id: int, token_ids: list[int], start: int, parent: Sequence | None, is_node: bool,
+                 request_index: int = -1, sample_index: int = 0, max_tokens: int = 0, group: int = 0):
+        self.seq_id = seq_id
+        self.token_ids = token_ids  # positions 0 .. num_tokens - 1 (prompt, then output for leaves)
+        self.start = start
+        self.parent = parent
+        self.is_node = is_node
+        self.num_prompt_tokens = len(token_ids)
+        self.num_computed_tokens = start  # absolute: positions below this are in the KV cache
+        self.blocks: list[int] = []  # own blocks, block i holds positions start + i * block_size ...
+        self.status = Status.WAITING
+        self.children: list[Sequence] = []
+        self.pending_children = 0
+        self.request_index = request_index
+        self.sample_index = sample_index
+        self.max_tokens = max_tokens
+        self.group = group
+        self.block_hashes: list[int] = []  # caching policies: chain hashes of the prompt's full blocks
+        self.num_cached_tokens = 0  # prompt tokens whose KV came from elsewhere (a shared node or the cache)
+        self.num_preemptions = 0
+        self.admitted_step = -1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    def block_table(self) -> list[int]:
+        """All blocks holding this sequence's KV from position 0, ancestors first."""
+        chain = []
+        s = self
+        while s is not None:
+            chain.append(s.blocks)
+            s = s.parent
+        return [b for blocks in reversed(chain) for b in blocks]
+
+    def ancestors(self) -> list[Sequence]:
+        """Shared nodes above this sequence, outermost first."""
+        out = []
+        s = self.parent
+        while s is not None:
+            out.append(s)
+            s = s.parent
+        return out[::-1]
+
+    def __repr__(self) -> str:
+        kind = "node" if self.is_node else f"leaf(req={self.request_index},n={self.sample_index})"
+        return f"Seq#{self.seq_id}<{kind} [{self.start},{self.num_computed_tokens}/{self.num_tokens}) {self.status.value}>"

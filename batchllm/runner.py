@@ -1,0 +1,93 @@
+"""StepPlan -> tensors -> model -> sampled tokens.
+
+The runner packs the step's tokens end to end (no padding), maps each token to the cache slot its K/V goes to, and
+describes attention as *parts* (see `batchllm.model.attention`): every scheduled sequence attends to its own segment,
+and under the "batchllm" policy each shared node above it contributes one part holding the queries of *all* scheduled
+sequences below that node, so the node's KV is read once per step for the whole group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from batchllm.kv.cache import KVCache
+from batchllm.model.attention import AttentionMetadata, AttnPart
+from batchllm.model.llama import ForwardBatch, LlamaModel
+from batchllm.request import Sequence
+from batchllm.sampling import SampleResult, SamplingBatch, SamplingParams, sample
+from batchllm.scheduler import StepPlan
+
+
+@dataclass
+class SampleRow:
+    """What the sampler needs of one sampling sequence."""
+
+    seq: Sequence
+    params: SamplingParams
+    seed: int
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVCache, eos_token_id: int | None):
+        self.model = model
+        self.kv = kv
+        self.device = kv.device
+        self.eos_token_id = eos_token_id
+
+    def build_batch(self, plan: StepPlan, sample_seqs: list[Sequence]) -> ForwardBatch:
+        """Pack the plan into one ForwardBatch. `sample_seqs` are the plan's sampling sequences, in plan order."""
+        bs = self.kv.block_size
+        ids: list[int] = []
+        pos_chunks, slot_chunks, parts = [], [], []
+        shared: dict[int, tuple[Sequence, list[np.ndarray]]] = {}
+        row = 0
+        logits_rows = []
+        for seq, n in zip(plan.seqs, plan.num_new):
+            c = seq.num_computed_tokens
+            ids.extend(seq.token_ids[c:c + n])
+            pos = np.arange(c, c + n, dtype=np.int64)  # [n]
+            rel = pos - seq.start
+            blocks = np.asarray(seq.blocks, dtype=np.int64)
+            pos_chunks.append(pos)
+            slot_chunks.append(blocks[rel // bs] * bs + rel % bs)  # [n]
+            rows = np.arange(row, row + n, dtype=np.int64)
+            parts.append(AttnPart(rows, seq.blocks, seq.start, c + n - seq.start))
+            for node in seq.ancestors():
+                shared.setdefault(id(node), (node, []))[1].append(rows)
+            row += n
+            if c + n == seq.num_tokens and not seq.is_node:
+                logits_rows.append(row - 1)
+        for node, rows in shared.values():
+            parts.append(AttnPart(np.concatenate(rows), node.blocks, node.start, node.num_tokens - node.start))
+        positions = np.concatenate(pos_chunks)
+        meta = AttentionMetadata.build(parts, positions, np.concatenate(slot_chunks), bs, self.device,
+                                       sliding_window=self.model.cfg.sliding_window)
+        dev = self.device
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),  # [T]
+            positions=torch.from_numpy(positions).to(dev),  # [T]
+            attn=meta,
+            logits_rows=torch.tensor(logits_rows, dtype=torch.int64, device=dev),  # [B]
+        )
+
+    def execute(self, plan: StepPlan, rows: list[SampleRow]) -> SampleResult | None:
+        """Run the step's forward pass and sample one token for each of `rows` (the plan's sampling leaves)."""
+        batch = self.build_batch(plan, [r.seq for r in rows])
+        logits = self.model(batch, self.kv.layers)  # [B, V]
+        if not rows:
+            return None
+        need_prompt = any(r.params.repetition_penalty != 1.0 for r in rows)
+        sbatch = SamplingBatch.build(
+            params=[r.params for r in rows],
+            seeds=[r.seed for r in rows],
+            output_positions=[r.seq.num_output_tokens for r in rows],
+            prompt_ids=[r.seq.token_ids[:r.seq.num_prompt_tokens] for r in rows] if need_prompt else None,
+            output_ids=[r.seq.output_ids if r.params.has_penalties else [] for r in rows],
+            eos_token_id=self.eos_token_id,
+            vocab_size=logits.shape[-1],
+            device=self.device,
+        )
+        return sample(logits, sbatch)

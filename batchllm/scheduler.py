@@ -1,0 +1,300 @@
+"""The scheduler: which sequences run in the next step, and how many tokens each. Pure Python, no torch.
+
+There is no prefill or decode phase. Each sequence has `num_computed_tokens` and `num_tokens`; each step hands out a
+token budget (`max_num_batched_tokens`), first to running sequences in priority order (decodes take 1 token, a long
+prompt takes a chunk), then to waiting ones, so chunked prefill and decodes share a step.
+
+Admission is memory-centric for the "batchllm" policy: a waiting sequence is admitted while the KV it is expected to
+need (its prompt plus an estimate of its output, see `DecodeEstimator`) fits beside what the running sequences are
+expected to grow to; there is no cap on the number of running sequences. The streaming baselines ("fcfs-cache",
+"lpm-cache", "fcfs") admit on the blocks needed now, under a request cap, as vLLM and SGLang do.
+
+When a running sequence cannot get a block, the most recently admitted running sequence is preempted (its own blocks
+are freed and it is recomputed later); shared nodes a group still needs are never evicted while it runs.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from batchllm.config import EngineConfig
+from batchllm.kv.block_pool import BlockPool
+from batchllm.request import Sequence, Status
+
+
+@dataclass
+class StepPlan:
+    """One step: `seqs[i]` computes `num_new[i]` tokens starting at its `num_computed_tokens`."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new)
+
+    def samples(self, i: int) -> bool:
+        """Whether seqs[i] samples a token this step (a leaf whose tokens will then all be computed)."""
+        s = self.seqs[i]
+        return not s.is_node and s.num_computed_tokens + self.num_new[i] == s.num_tokens
+
+
+class DecodeEstimator:
+    """Expected final output length of a leaf. "max_tokens" trusts the bound; "history" scales it by the 90th
+    percentile of (output length / max_tokens) over the last finished leaves once enough have finished."""
+
+    MIN_HISTORY = 16
+    WINDOW = 512
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.ratios: deque[float] = deque(maxlen=self.WINDOW)
+        self._q90 = 1.0
+
+    def observe(self, seq: Sequence) -> None:
+        if seq.max_tokens > 0:
+            self.ratios.append(seq.num_output_tokens / seq.max_tokens)
+            if len(self.ratios) >= self.MIN_HISTORY:
+                ordered = sorted(self.ratios)
+                self._q90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+
+    def final_len(self, seq: Sequence) -> int:
+        """Expected total tokens of `seq` when it finishes (prompt + output)."""
+        if seq.is_node:
+            return seq.num_tokens
+        out = seq.max_tokens
+        if self.mode == "history" and len(self.ratios) >= self.MIN_HISTORY:
+            out = min(seq.max_tokens, max(seq.num_output_tokens + 1, int(seq.max_tokens * self._q90 + 0.999)))
+        return seq.num_prompt_tokens + out
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, pool: BlockPool, max_num_seqs: int = 256):
+        self.cfg = cfg
+        self.pool = pool
+        self.bs = cfg.block_size
+        self.caching = cfg.policy in ("fcfs-cache", "lpm-cache")
+        self.memory_centric = cfg.policy == "batchllm"
+        self.max_num_seqs = None if self.memory_centric else max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.estimator = DecodeEstimator(cfg.decode_estimate if self.memory_centric else "max_tokens")
+        self.step_index = 0
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queue
+    def add(self, roots: list[Sequence]) -> None:
+        """Queue top-level sequences (group roots or standalone leaves) behind those already waiting."""
+        self.waiting.extend(roots)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --------------------------------------------------------------- schedule
+    def schedule(self) -> StepPlan:
+        """Choose this step's sequences and token counts; allocates their blocks (may preempt)."""
+        self.step_index += 1
+        plan = StepPlan()
+        budget = self.cfg.max_num_batched_tokens
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(seq, n, plan):
+                continue
+            plan.seqs.append(seq)
+            plan.num_new.append(n)
+            budget -= n
+        if not plan.preempted:
+            self._admit(plan, budget)
+        if not plan.seqs and self.waiting:
+            self._unstick()
+            if not self.running:
+                self._admit(plan, self.cfg.max_num_batched_tokens)
+        return plan
+
+    def _blocks_for(self, seq: Sequence, upto: int) -> int:
+        """Own blocks `seq` needs to hold positions below `upto`."""
+        return -(-(upto - seq.start) // self.bs)
+
+    def _allocate(self, seq: Sequence, upto: int) -> bool:
+        extra = self._blocks_for(seq, upto) - len(seq.blocks)
+        if extra <= 0:
+            return True
+        if extra > self.pool.num_free:
+            return False
+        seq.blocks.extend(self.pool.allocate(extra))
+        return True
+
+    def _allocate_or_preempt(self, seq: Sequence, n: int, plan: StepPlan) -> bool:
+        while not self._allocate(seq, seq.num_computed_tokens + n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            plan.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free `seq`'s own blocks and queue it at the front for recomputation."""
+        self.running.remove(seq)
+        self._release(seq.blocks)
+        seq.blocks = []
+        seq.num_computed_tokens = seq.start
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, blocks: list[int]) -> None:
+        # Caching baselines free tail blocks first so a prompt's head blocks stay cached longest (as vLLM does).
+        self.pool.free(blocks[::-1] if self.caching else blocks)
+
+    def _expected_growth(self) -> int:
+        """Blocks the running sequences are still expected to allocate (memory-centric admission)."""
+        total = 0
+        for s in self.running:
+            total += max(0, self._blocks_for(s, self.estimator.final_len(s)) - len(s.blocks))
+        return total
+
+    def _next_waiting(self) -> Sequence:
+        if self.cfg.policy == "lpm-cache" and len(self.waiting) <= 128:
+            # SGLang's longest-prefix-match: the waiting request with the most cached prefix blocks goes first.
+            best = max(self.waiting, key=self._cached_prefix_blocks)
+            self.waiting.remove(best)
+            self.waiting.appendleft(best)
+        return self.waiting[0]
+
+    def _cached_prefix_blocks(self, seq: Sequence) -> int:
+        n = 0
+        for h in seq.block_hashes:
+            if self.pool.lookup(h) is None:
+                break
+            n += 1
+        return n
+
+    def _admit(self, plan: StepPlan, budget: int) -> None:
+        growth = self._expected_growth() if self.memory_centric else 0
+        while self.waiting and budget > 0:
+            if self.max_num_seqs is not None and len(self.running) >= self.max_num_seqs:
+                return
+            seq = self._next_waiting()
+            hit = self._match_cache(seq) if self.caching else []
+            revived = sum(1 for b in hit if self.pool.ref_count[b] == 0)
+            computed = seq.start + len(hit) * self.bs
+            n = min(seq.num_tokens - computed, budget)
+            need_now = self._blocks_for(seq, computed + n) - len(hit)
+            need = need_now + revived
+            if self.memory_centric and self.running:
+                need += max(0, self._blocks_for(seq, self.estimator.final_len(seq)) - len(hit) - need_now)
+            if need + growth > self.pool.num_free:
+                return
+            self.waiting.popleft()
+            self.pool.touch(hit)
+            seq.blocks = list(hit)
+            seq.num_computed_tokens = computed
+            if seq.admitted_step < 0:
+                seq.num_cached_tokens = computed
+            self._allocate(seq, computed + n)
+            seq.status = Status.RUNNING
+            seq.admitted_step = self.step_index
+            self.running.append(seq)
+            plan.seqs.append(seq)
+            plan.num_new.append(n)
+            budget -= n
+            if self.memory_centric:
+                growth += max(0, self._blocks_for(seq, self.estimator.final_len(seq)) - len(seq.blocks))
+
+    def _match_cache(self, seq: Sequence) -> list[int]:
+        """Cached blocks covering a prefix of `seq`'s prompt, leaving at least one token to compute."""
+        hit = []
+        for h in seq.block_hashes:
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            hit.append(b)
+        if hit and len(hit) * self.bs >= seq.num_tokens:
+            hit.pop()
+        return hit
+
+    def _unstick(self) -> None:
+        """Nothing could run: shared nodes of groups with no running member hold the memory the head of the queue
+        needs. Evict the most recently started such group (it is recomputed later) until the head fits or none is
+        left. Rare: only under estimates that proved too low and a KV budget close to one request."""
+        head = self.waiting[0]
+        keep = set(id(a) for a in head.ancestors())
+        while True:
+            roots = [s for s in self.waiting if s.parent is not None and id(self._root(s)) not in keep]
+            if not roots:
+                return
+            root = self._root(roots[-1])
+            self._reset_group(root)
+
+    @staticmethod
+    def _root(seq: Sequence) -> Sequence:
+        while seq.parent is not None:
+            seq = seq.parent
+        return seq
+
+    def _reset_group(self, root: Sequence) -> None:
+        """Return a group whose members are all waiting to its initial state: nodes freed, root queued last."""
+        members = set()
+        stack = [root]
+        while stack:
+            s = stack.pop()
+            members.add(id(s))
+            stack.extend(s.children)
+        self.waiting = deque(s for s in self.waiting if id(s) not in members)
+        stack = [root]
+        while stack:
+            s = stack.pop()
+            if s.is_node:
+                if s.blocks:
+                    self._release(s.blocks)
+                s.blocks = []
+                s.pending_children = sum(1 for c in s.children if c.status is not Status.FINISHED)
+                s.num_computed_tokens = s.start
+                s.status = Status.WAITING
+                stack.extend(s.children)
+        self.num_preemptions += 1
+        self.waiting.append(root)
+
+    # ----------------------------------------------------------------- update
+    def commit(self, plan: StepPlan) -> None:
+        """Mark the plan's tokens as computed. Nodes that became complete release their children to the front of
+        the queue; caching policies register newly filled prompt blocks."""
+        for seq, n in zip(plan.seqs, plan.num_new):
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens += n
+            if self.caching and seq.block_hashes:
+                full = min(seq.num_computed_tokens // self.bs, len(seq.block_hashes))
+                for i in range(before // self.bs, full):
+                    self.pool.cache(seq.blocks[i], seq.block_hashes[i])
+            if seq.is_node and seq.num_computed_tokens == seq.num_tokens:
+                self.running.remove(seq)
+                seq.status = Status.COMPUTED
+                self.waiting.extendleft(reversed([c for c in seq.children if c.status is not Status.FINISHED]))
+
+    def finish(self, seq: Sequence) -> None:
+        """A leaf is done: free its blocks, and those of every node it was the last pending child of."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq.blocks)
+        seq.blocks = []
+        seq.status = Status.FINISHED
+        self.estimator.observe(seq)
+        node = seq.parent
+        while node is not None:
+            node.pending_children -= 1
+            if node.pending_children > 0:
+                break
+            self._release(node.blocks)
+            node.blocks = []
+            node.status = Status.FINISHED
+            node = node.parent
