@@ -8,7 +8,8 @@ import sys
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Engine options shared by the subcommands that load a model."""
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on AVX512-BF16 CPUs and CUDA, else fp32), float32, bfloat16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on AVX512-BF16 CPUs and CUDA, else fp32), float32, bfloat16")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="exact KV cache budget in bytes")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)

@@ -384,8 +384,11 @@ class LLM:
             reason = "length"
         if reason is None:
             return None
+        if text is None and det is not None:
+            det.flush()
+            text = det.text
         if text is None:
-            text = det.text if det is not None else self.tokenizer.decode(
+            text = self.tokenizer.decode(
                 seq.output_ids, skip_special_tokens=p.skip_special_tokens)
         req.outputs[k] = CompletionOutput(k, text, list(seq.output_ids), reason, stop_reason,
                                           req.cumulative[k] if p.logprobs is not None else None, req.logprobs[k])

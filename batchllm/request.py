@@ -89,4 +89,5 @@ class Sequence:
 
     def __repr__(self) -> str:
         kind = "node" if self.is_node else f"leaf(req={self.request_index},n={self.sample_index})"
-        return f"Seq#{self.seq_id}<{kind} [{self.start},{self.num_computed_tokens}/{self.num_tokens}) {self.status.value}>"
+        span = f"[{self.start},{self.num_computed_tokens}/{self.num_tokens})"
+        return f"Seq#{self.seq_id}<{kind} {span} {self.status.value}>"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from batchllm.config import ModelConfig
 from batchllm.model.attention import AttentionMetadata, paged_attention
-from batchllm.model.layers import RotaryTable, gated_mlp, rms_norm
+from batchllm.model.layers import RotaryTable, apply_rotary, gated_mlp, rms_norm
 
 
 @dataclass
@@ -71,6 +71,7 @@ class LlamaModel(torch.nn.Module):
         cfg = self.cfg
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
+        cos, sin = self.rotary.lookup(batch.positions)  # [T, 1, D] each
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)  # [T, hidden]
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [T, (H + 2 KVH) D]
@@ -78,7 +79,7 @@ class LlamaModel(torch.nn.Module):
             q = q.view(-1, nh, d)  # [T, H, D]
             k = k.view(-1, nkv, d)  # [T, KVH, D]
             v = v.view(-1, nkv, d)  # [T, KVH, D]
-            q, k = self.rotary.apply(q, k, batch.positions)
+            q, k = apply_rotary(q, k, cos, sin)
             o = paged_attention(q, k, v, kv_cache, batch.attn, self.scale)  # [T, H, D]
             x = x + F.linear(o.reshape(-1, nh * d), layer.o_proj, layer.o_bias)  # [T, hidden]
             h = rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps)

@@ -1,0 +1,315 @@
+"""Paged attention over KV segments with prefix sharing (log-sum-exp merge).
+
+A step's attention is described as a list of :class:`AttnPart`: each part is a set of query rows of the packed batch
+against one KV segment (a run of consecutive positions stored in a list of cache blocks). A shared prefix segment is
+one part whose rows are the tokens of every request under that prefix, so its keys are read once for the whole group
+and the work is a matrix product. A token's attention is the log-sum-exp merge of all parts that contain its row.
+
+``AttentionMetadata.build`` runs once per step (numpy): it sorts parts into buckets of similar shape, pads each bucket
+into one batched problem and pre-computes every index and mask. ``paged_attention`` runs per layer: it writes this
+step's K/V into the cache, gathers each bucket's K/V with one index op, runs one fused attention per bucket (which
+returns the log-sum-exp as well) and merges the rows in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# Default cap on the padded key slots (bucket batch x keys) gathered by one attention call; bigger buckets are split.
+# It bounds the temporary K/V copy (e.g. 2^17 slots x 4 KV heads x 64 x bf16 x 2 = 128 MiB).
+DEFAULT_MAX_KEYS_PER_CALL = 1 << 17
+
+
+@dataclass(frozen=True)
+class AttnPart:
+    """One attention problem: ``q_rows`` of the packed batch attend to one KV segment.
+
+    The segment's j-th key sits at position ``kv_start + j`` and in cache slot
+    ``block_ids[j // block_size] * block_size + j % block_size``.
+    """
+
+    q_rows: np.ndarray  # int64 [Q]: rows of the packed batch
+    block_ids: Sequence[int]  # the segment's blocks, in order
+    kv_start: int  # absolute position of the segment's first key
+    kv_len: int  # number of keys in the segment
+
+
+@dataclass(frozen=True)
+class AttnBucket:
+    """Parts padded into one batched attention call of ``batch`` problems of ``q_len`` x ``kv_len``."""
+
+    batch: int
+    q_len: int
+    kv_len: int
+    q_index: torch.Tensor  # int64 [batch * q_len]: packed row of each padded query (padding -> row 0)
+    kv_index: torch.Tensor  # int64 [batch * kv_len]: flat cache slot of each padded key (padding -> slot 0)
+    visible: torch.Tensor | None  # bool [batch, q_len, kv_len]; None when every key is visible to every query
+    sel: torch.Tensor  # int64 [N]: flat (batch * q_len) index of the padded queries that count in the merge
+    sel_rows: torch.Tensor  # int64 [N]: packed row of each of those
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything index-like of one step's attention; built once per step, read by every layer.
+
+    ``_masks`` and ``_workspace`` are per-step caches filled by the first layer and reused by the others
+    (additive masks per dtype/GQA group, gather buffers), so that later layers allocate nothing large.
+    """
+
+    num_tokens: int
+    block_size: int
+    slot_mapping: torch.Tensor  # int64 [W]: cache slots of this step's tokens to write
+    write_rows: torch.Tensor | None  # int64 [W]: rows written (None: all rows, in order)
+    buckets: list[AttnBucket]
+    merge_rows: torch.Tensor  # int64 [N]: packed row of each merged partial result (buckets concatenated)
+    single_cover: bool  # every row appears in exactly one partial result: the merge is a plain scatter
+    _masks: dict = field(default_factory=dict, repr=False)
+    _workspace: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        parts: Sequence[AttnPart],
+        positions: np.ndarray,
+        slot_mapping: np.ndarray,
+        block_size: int,
+        device: torch.device,
+        sliding_window: int | None = None,
+        max_keys_per_call: int = DEFAULT_MAX_KEYS_PER_CALL,
+    ) -> AttentionMetadata:
+        """Bucket ``parts`` by shape and pre-compute indices and visibility masks for ``paged_attention``.
+
+        positions: int64 [T] absolute position of each packed row; slot_mapping: [T] cache slot of each row's K/V
+        (negative: not written). Raises ValueError if a row has no visible key in any part.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        slots = np.asarray(slot_mapping, dtype=np.int64)
+        num_tokens = int(positions.shape[0])
+        if slots.shape[0] != num_tokens:
+            raise ValueError(f"slot_mapping has {slots.shape[0]} entries for {num_tokens} tokens")
+        keep = slots >= 0
+        write_rows = None if keep.all() else torch.from_numpy(np.nonzero(keep)[0]).to(device)
+        slot_t = torch.from_numpy(np.ascontiguousarray(slots[keep])).to(device)
+
+        live = [p for p in parts if len(p.q_rows) > 0 and p.kv_len > 0]
+        buckets: list[AttnBucket] = []
+        cover = np.zeros(num_tokens, dtype=np.int64)
+        for group in _bucket_parts(live, max_keys_per_call):
+            bucket, rows = _build_bucket(group, positions, block_size, sliding_window, device)
+            buckets.append(bucket)
+            np.add.at(cover, rows, 1)
+        if num_tokens and (cover == 0).any():
+            missing = np.nonzero(cover == 0)[0][:8].tolist()
+            raise ValueError(f"rows {missing} see no key in any attention part")
+        merge_rows = torch.cat([b.sel_rows for b in buckets]) if buckets else torch.zeros(0, dtype=torch.int64)
+        return cls(
+            num_tokens=num_tokens,
+            block_size=block_size,
+            slot_mapping=slot_t,
+            write_rows=write_rows,
+            buckets=buckets,
+            merge_rows=merge_rows.to(device),
+            single_cover=bool((cover == 1).all()),
+        )
+
+    def additive_mask(self, index: int, dtype: torch.dtype, group: int) -> torch.Tensor | None:
+        """Additive mask of bucket ``index`` for the folded GQA layout: [batch, 1, q_len * group, kv_len]; cached."""
+        bucket = self.buckets[index]
+        if bucket.visible is None:
+            return None
+        key = (index, dtype, group)
+        mask = self._masks.get(key)
+        if mask is None:
+            vis = bucket.visible[:, :, None, :].expand(-1, -1, group, -1)  # [B, Lq, G, Lk]
+            mask = torch.zeros(vis.shape, dtype=dtype, device=vis.device)
+            mask.masked_fill_(~vis, float("-inf"))
+            mask = mask.view(bucket.batch, 1, bucket.q_len * group, bucket.kv_len)  # [B, 1, Lq*G, Lk]
+            self._masks[key] = mask
+        return mask
+
+    def kv_buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat gather buffer of at least ``numel`` elements, reused by every layer of the step."""
+        key = (dtype, device)
+        buf = self._workspace.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._workspace[key] = buf
+        return buf[:numel]
+
+
+def _ceil_log2(x: int) -> int:
+    return max(0, int(x - 1).bit_length())
+
+
+def _bucket_parts(parts: list[AttnPart], max_keys_per_call: int) -> list[list[AttnPart]]:
+    """Group parts into padded batches: same power-of-two class of query count and of key count.
+
+    Inside a class, parts are sorted by key count (longest first) and cut into calls of at most
+    ``max_keys_per_call`` padded key slots, so a padded problem is never more than ~2x its largest member in
+    either dimension and a long prefill part is never padded together with single-token decodes.
+    """
+    classes: dict[tuple[int, int], list[AttnPart]] = {}
+    for p in parts:
+        classes.setdefault((_ceil_log2(len(p.q_rows)), _ceil_log2(p.kv_len)), []).append(p)
+    groups: list[list[AttnPart]] = []
+    for key in sorted(classes):
+        members = sorted(classes[key], key=lambda p: (-p.kv_len, -len(p.q_rows)))
+        start = 0
+        while start < len(members):
+            per_call = max(1, max_keys_per_call // members[start].kv_len)
+            groups.append(members[start : start + per_call])
+            start += per_call
+    return groups
+
+
+def _build_bucket(
+    group: list[AttnPart], positions: np.ndarray, block_size: int, window: int | None, device: torch.device
+) -> tuple[AttnBucket, np.ndarray]:
+    """Pad ``group`` into one batch; return the bucket and the packed rows that count in its merge."""
+    batch = len(group)
+    q_len = max(len(p.q_rows) for p in group)
+    kv_len = max(p.kv_len for p in group)
+    n_blocks = -(-kv_len // block_size)
+    q_rows = np.zeros((batch, q_len), dtype=np.int64)
+    q_valid = np.zeros((batch, q_len), dtype=bool)
+    tables = np.zeros((batch, n_blocks), dtype=np.int64)
+    kv_start = np.zeros(batch, dtype=np.int64)
+    kv_count = np.zeros(batch, dtype=np.int64)
+    for i, p in enumerate(group):
+        rows = np.asarray(p.q_rows, dtype=np.int64)
+        q_rows[i, : rows.shape[0]] = rows
+        q_valid[i, : rows.shape[0]] = True
+        need = -(-p.kv_len // block_size)
+        if len(p.block_ids) < need:
+            raise ValueError(f"segment of {p.kv_len} keys has {len(p.block_ids)} blocks of {block_size}")
+        tables[i, :need] = np.asarray(p.block_ids[:need], dtype=np.int64)
+        kv_start[i] = p.kv_start
+        kv_count[i] = p.kv_len
+    j = np.arange(kv_len, dtype=np.int64)
+    kv_slots = tables[:, j // block_size] * block_size + j % block_size  # [B, Lk]
+    key_valid = j[None, :] < kv_count[:, None]  # [B, Lk]
+    kv_slots = np.where(key_valid, kv_slots, 0)
+
+    q_pos = positions[q_rows]  # [B, Lq]
+    k_pos = kv_start[:, None] + j[None, :]  # [B, Lk]
+    visible = key_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, Lq, Lk]
+    if window is not None:
+        visible &= k_pos[:, None, :] > (q_pos[:, :, None] - window)
+    visible &= q_valid[:, :, None]
+    counts = q_valid & visible.any(axis=2)  # [B, Lq]: rows with at least one visible key count in the merge
+    # Rows that see nothing (padding, or a segment wholly outside the window) see everything instead: their
+    # output stays finite and is dropped from the merge.
+    visible |= ~counts[:, :, None]
+    sel = np.nonzero(counts.reshape(-1))[0]
+    sel_rows = q_rows.reshape(-1)[sel]
+
+    bucket = AttnBucket(
+        batch=batch,
+        q_len=q_len,
+        kv_len=kv_len,
+        q_index=torch.from_numpy(q_rows.reshape(-1)).to(device),
+        kv_index=torch.from_numpy(kv_slots.reshape(-1)).to(device),
+        visible=None if visible.all() else torch.from_numpy(visible).to(device),
+        sel=torch.from_numpy(sel).to(device),
+        sel_rows=torch.from_numpy(sel_rows).to(device),
+    )
+    return bucket, sel_rows
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Write this step's K/V rows into ``kv_cache`` (in place) at ``meta.slot_mapping``."""
+    n_kv, d = kv_cache.shape[-2], kv_cache.shape[-1]
+    flat = kv_cache.view(2, -1, n_kv, d)  # [2, S, KVH, D]
+    if meta.write_rows is not None:
+        k = k.index_select(0, meta.write_rows)
+        v = v.index_select(0, meta.write_rows)
+    flat[0].index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Attention of the packed step over its KV segments.
+
+    q: [T, H, D]; k, v: [T, KVH, D] of this step's tokens; kv_cache: [2, num_blocks, block_size, KVH, D] of this
+    layer, written in place at ``meta``'s slot mapping before it is read. Returns [T, H, D] in q's dtype.
+    """
+    num_tokens, n_heads, d = q.shape
+    n_kv = kv_cache.shape[-2]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads is not a multiple of {n_kv} KV heads")
+    group = n_heads // n_kv
+    write_kv(k, v, kv_cache, meta)
+    flat = kv_cache.view(2, -1, n_kv, d)  # [2, S, KVH, D]
+
+    outs: list[torch.Tensor] = []
+    lses: list[torch.Tensor] = []
+    for index, bucket in enumerate(meta.buckets):
+        b, lq, lk = bucket.batch, bucket.q_len, bucket.kv_len
+        qb = q.index_select(0, bucket.q_index).view(b, lq, n_kv, group, d)  # [B, Lq, KVH, G, D]
+        qb = qb.permute(0, 2, 1, 3, 4).reshape(b, n_kv, lq * group, d)  # [B, KVH, Lq*G, D]
+        buf = meta.kv_buffer(2 * b * lk * n_kv * d, kv_cache.dtype, kv_cache.device)
+        kvb = torch.index_select(flat, 1, bucket.kv_index, out=buf.view(2, b * lk, n_kv, d))  # [2, B*Lk, KVH, D]
+        kvb = kvb.view(2, b, lk, n_kv, d).to(q.dtype)
+        kb = kvb[0].permute(0, 2, 1, 3)  # [B, KVH, Lk, D]
+        vb = kvb[1].permute(0, 2, 1, 3)  # [B, KVH, Lk, D]
+        mask = meta.additive_mask(index, q.dtype, group)  # [B, 1, Lq*G, Lk] or None
+        out, lse = _attend(qb, kb, vb, mask, scale)  # [B, KVH, Lq*G, D], [B, KVH, Lq*G] fp32
+        out = out.view(b, n_kv, lq, group, d).permute(0, 2, 1, 3, 4).reshape(b * lq, n_heads, d)  # [B*Lq, H, D]
+        lse = lse.view(b, n_kv, lq, group).permute(0, 2, 1, 3).reshape(b * lq, n_heads)  # [B*Lq, H]
+        outs.append(out.index_select(0, bucket.sel))
+        lses.append(lse.index_select(0, bucket.sel))
+    return _merge(outs, lses, meta, q)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched attention returning (out [B, h, L, D] in q's dtype, natural-log lse [B, h, L] in fp32)."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale
+        )
+        return out, lse
+    return _attend_math(q, k, v, mask, scale)
+
+
+def _attend_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention in fp32 on any device: (out [B, h, L, D] in q's dtype, lse [B, h, L] fp32)."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, h, L, Lk]
+    if mask is not None:
+        s = s + mask.float()
+    lse = torch.logsumexp(s, dim=-1)  # [B, h, L]
+    p = torch.exp(s - lse.unsqueeze(-1))  # [B, h, L, Lk]
+    out = torch.matmul(p, v.float())  # [B, h, L, D]
+    return out.to(q.dtype), lse
+
+
+def _merge(
+    outs: list[torch.Tensor], lses: list[torch.Tensor], meta: AttentionMetadata, q: torch.Tensor
+) -> torch.Tensor:
+    """Log-sum-exp merge of the partial results into [T, H, D] (in fp32, returned in q's dtype)."""
+    num_tokens, n_heads, d = q.shape
+    rows = meta.merge_rows  # [N]
+    if not outs:
+        return torch.zeros_like(q)
+    if meta.single_cover:
+        result = torch.empty((num_tokens, n_heads, d), dtype=q.dtype, device=q.device)
+        return result.index_copy_(0, rows, torch.cat(outs).to(q.dtype))
+    out = torch.cat(outs).float()  # [N, H, D]
+    lse = torch.cat(lses)  # [N, H]
+    peak = torch.full((num_tokens, n_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    peak.scatter_reduce_(0, rows[:, None].expand(-1, n_heads), lse, reduce="amax")  # [T, H]
+    weight = torch.exp(lse - peak.index_select(0, rows))  # [N, H]
+    num = torch.zeros((num_tokens, n_heads, d), dtype=torch.float32, device=q.device)
+    num.index_add_(0, rows, out * weight.unsqueeze(-1))  # [T, H, D]
+    den = torch.zeros((num_tokens, n_heads), dtype=torch.float32, device=q.device)
+    den.index_add_(0, rows, weight)  # [T, H]
+    return (num / den.unsqueeze(-1)).to(q.dtype)

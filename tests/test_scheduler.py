@@ -1,0 +1,202 @@
+"""Scheduler: token budget, chunked prefill, admission, preemption, group lifetimes, with exact block ids.
+
+Pure Python: sequences are built by hand and a fake model appends token 7 to every sampling leaf.
+"""
+
+from batchllm.config import EngineConfig
+from batchllm.kv.block_pool import BlockPool, block_hashes
+from batchllm.request import Sequence, Status
+from batchllm.scheduler import Scheduler
+
+
+def make_sched(policy="fcfs", blocks=10, bs=4, budget=8, estimate="max_tokens", max_num_seqs=256):
+    cfg = EngineConfig(block_size=bs, max_num_batched_tokens=budget, kv_cache_blocks=blocks, policy=policy,
+                       decode_estimate=estimate)
+    return Scheduler(cfg, BlockPool(blocks), max_num_seqs=max_num_seqs)
+
+
+def leaf(i, n_prompt, max_tokens=4, parent=None):
+    start = parent.num_tokens if parent is not None else 0
+    s = Sequence(i, list(range(100, 100 + n_prompt)), start, parent, is_node=False, request_index=i,
+                 max_tokens=max_tokens)
+    if parent is not None:
+        parent.children.append(s)
+        parent.pending_children += 1
+    return s
+
+
+def node(i, n_tokens, parent=None):
+    start = parent.num_tokens if parent is not None else 0
+    s = Sequence(i, list(range(100, 100 + n_tokens)), start, parent, is_node=True)
+    if parent is not None:
+        parent.children.append(s)
+        parent.pending_children += 1
+    return s
+
+
+def step(sched):
+    """Schedule, commit, sample token 7 for sampling leaves, finish leaves at max_tokens. Returns the plan as
+    [(seq_id, num_new)] and the finished seq ids."""
+    plan = sched.schedule()
+    samplers = [s for i, s in enumerate(plan.seqs) if plan.samples(i)]
+    sched.commit(plan)
+    done = []
+    for s in samplers:
+        s.token_ids.append(7)
+        if s.num_output_tokens >= s.max_tokens:
+            sched.finish(s)
+            done.append(s.seq_id)
+    return [(s.seq_id, n) for s, n in zip(plan.seqs, plan.num_new)], done
+
+
+def test_token_budget_chunks_prefill_and_mixes_it_with_decodes():
+    sched = make_sched(budget=8)
+    a, b = leaf(0, 10, max_tokens=10), leaf(1, 10, max_tokens=10)
+    sched.add([a, b])
+    assert step(sched) == ([(0, 8)], [])
+    assert a.blocks == [0, 1] and a.num_computed_tokens == 8
+    assert step(sched) == ([(0, 2), (1, 6)], [])  # a finishes its prompt and samples; b starts
+    assert a.blocks == [0, 1, 2] and b.blocks == [3, 4]
+    assert a.num_tokens == 11
+    assert step(sched) == ([(0, 1), (1, 4)], [])  # a decodes while b's last chunk runs
+    assert b.blocks == [3, 4, 5]
+    assert step(sched) == ([(0, 1), (1, 1)], [])
+    assert a.blocks == [0, 1, 2]
+    assert step(sched) == ([(0, 1), (1, 1)], [])
+    assert a.blocks == [0, 1, 2, 6]  # position 12 opens a fourth block
+    assert sched.pool.ref_count[:8] == [1] * 7 + [0]
+
+
+def test_finished_blocks_return_to_the_queue_tail_in_order():
+    sched = make_sched(blocks=6, budget=16)
+    a, b = leaf(0, 4, max_tokens=1), leaf(1, 8, max_tokens=2)
+    sched.add([a, b])
+    assert step(sched) == ([(0, 4), (1, 8)], [0])
+    assert a.status is Status.FINISHED and a.blocks == []
+    assert list(sched.pool.free_queue) == [3, 4, 5, 0]
+    assert step(sched) == ([(1, 1)], [1])
+    assert b.blocks == []
+    assert list(sched.pool.free_queue) == [4, 5, 0, 1, 2, 3]
+    assert not sched.has_work()
+
+
+def test_preemption_frees_the_newest_and_recomputes_it_later():
+    sched = make_sched(blocks=5, budget=16)
+    a, b = leaf(0, 8, max_tokens=6), leaf(1, 8, max_tokens=6)
+    sched.add([a, b])
+    assert step(sched) == ([(0, 8), (1, 8)], [])
+    assert (a.blocks, b.blocks) == ([0, 1], [2, 3])
+    plan, _ = step(sched)  # a needs a third block: 4; b needs one too: none left -> b is preempted
+    assert plan == [(0, 1)]
+    assert a.blocks == [0, 1, 4]
+    assert b.status is Status.WAITING and b.blocks == [] and b.num_computed_tokens == 0
+    assert b.num_tokens == 9  # its sampled token is kept and recomputed
+    assert sched.num_preemptions == 1
+    assert list(sched.waiting) == [b]
+    assert list(sched.pool.free_queue) == [2, 3]
+    for _ in range(4):
+        step(sched)
+    assert a.status is Status.FINISHED
+    plan, _ = step(sched)
+    assert plan == [(1, 9)]  # b recomputes prompt + its kept output token in one chunk
+    assert b.blocks == [3, 0, 1]  # a freed [0, 1, 4, 2] behind b's [3]
+    while sched.has_work():
+        step(sched)
+    assert b.output_ids == [7] * 6
+    assert sched.pool.num_free == 5
+
+
+def test_group_node_runs_once_then_children_and_is_freed_with_the_last_child():
+    sched = make_sched(policy="batchllm", blocks=8, budget=64)
+    n = node(0, 8)
+    l1 = leaf(1, 10, max_tokens=1, parent=n)
+    l2 = leaf(2, 11, max_tokens=2, parent=n)
+    sched.add([n])
+    assert step(sched) == ([(0, 8)], [])
+    assert n.status is Status.COMPUTED and n.blocks == [0, 1]
+    assert list(sched.waiting) == [l1, l2]
+    assert step(sched) == ([(1, 2), (2, 3)], [1])
+    assert (l1.block_table(), l2.block_table()) == ([0, 1], [0, 1, 3])
+    assert n.blocks == [0, 1] and n.pending_children == 1  # l1 done, l2 still needs the prefix
+    assert list(sched.pool.free_queue) == [4, 5, 6, 7, 2]
+    assert step(sched) == ([(2, 1)], [2])
+    assert n.status is Status.FINISHED
+    assert list(sched.pool.free_queue) == [4, 5, 6, 7, 2, 3, 0, 1]
+
+
+def test_nested_nodes_release_children_level_by_level():
+    sched = make_sched(policy="batchllm", blocks=12, budget=64)
+    root = node(0, 4)
+    inner = node(1, 8, parent=root)
+    a = leaf(2, 9, max_tokens=2, parent=inner)
+    b = leaf(3, 6, max_tokens=1, parent=root)
+    sched.add([root])
+    assert step(sched) == ([(0, 4)], [])
+    assert list(sched.waiting) == [inner, b]
+    assert step(sched) == ([(1, 4), (3, 2)], [3])
+    assert inner.block_table() == [0, 1]
+    assert step(sched) == ([(2, 1)], [])
+    assert a.block_table() == [0, 1, 3]
+    assert step(sched) == ([(2, 1)], [2])
+    assert root.status is Status.FINISHED and inner.status is Status.FINISHED
+    assert sched.pool.num_free == 12
+
+
+def test_memory_centric_admission_reserves_expected_output():
+    sched = make_sched(policy="batchllm", blocks=6, budget=64)
+    seqs = [leaf(i, 4, max_tokens=8) for i in range(3)]  # each ends at 12 tokens = 3 blocks
+    sched.add(seqs)
+    plan, _ = step(sched)
+    assert plan == [(0, 4), (1, 4)]  # the third would not fit beside the other two's expected growth
+    baseline = make_sched(policy="fcfs", blocks=6, budget=64)
+    seqs = [leaf(i, 4, max_tokens=8) for i in range(3)]
+    baseline.add(seqs)
+    plan, _ = step(baseline)
+    assert plan == [(0, 4), (1, 4), (2, 4)]  # admits on the blocks needed now
+
+
+def test_request_cap_binds_baselines_only():
+    sched = make_sched(policy="fcfs", blocks=50, budget=64, max_num_seqs=2)
+    sched.add([leaf(i, 4) for i in range(3)])
+    plan, _ = step(sched)
+    assert [s for s, _ in plan] == [0, 1]
+    sched = make_sched(policy="batchllm", blocks=50, budget=64, max_num_seqs=2)
+    sched.add([leaf(i, 4) for i in range(3)])
+    plan, _ = step(sched)
+    assert [s for s, _ in plan] == [0, 1, 2]
+
+
+def test_prefix_cache_hits_skip_computed_blocks_and_keep_one_token():
+    sched = make_sched(policy="fcfs-cache", blocks=10, budget=64)
+    a = leaf(0, 8, max_tokens=1)
+    a.block_hashes = block_hashes(a.token_ids, 4)
+    sched.add([a])
+    assert step(sched) == ([(0, 8)], [0])
+    assert list(sched.pool.free_queue) == [2, 3, 4, 5, 6, 7, 8, 9, 1, 0]  # tail block freed first
+    b = leaf(1, 10, max_tokens=2)
+    b.token_ids[:8] = a.token_ids[:8]
+    b.block_hashes = block_hashes(b.token_ids, 4)
+    c = leaf(2, 8, max_tokens=2)  # the same prompt as a: one block is recomputed to produce logits
+    c.block_hashes = list(a.block_hashes)
+    sched.add([b, c])
+    plan, _ = step(sched)
+    assert plan == [(1, 2), (2, 4)]
+    assert b.blocks == [0, 1, 2] and b.num_cached_tokens == 8
+    assert c.blocks == [0, 3] and c.num_cached_tokens == 4
+    assert sched.pool.ref_count[0] == 2 and sched.pool.ref_count[1] == 1
+
+
+def test_lpm_prefers_the_longest_cached_prefix():
+    sched = make_sched(policy="lpm-cache", blocks=10, budget=64)
+    warm = leaf(0, 8, max_tokens=1)
+    warm.block_hashes = block_hashes(warm.token_ids, 4)
+    sched.add([warm])
+    step(sched)
+    cold = leaf(1, 8, max_tokens=1)
+    cold.token_ids = list(range(200, 208))
+    cold.block_hashes = block_hashes(cold.token_ids, 4)
+    hot = leaf(2, 9, max_tokens=1)
+    hot.block_hashes = block_hashes(hot.token_ids, 4)
+    sched.add([cold, hot])
+    plan, _ = step(sched)
+    assert plan == [(2, 1), (1, 8)]
