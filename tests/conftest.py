@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random-weight checkpoints built locally once per test session.
+
+Every checkpoint folder is a standard HF folder (config.json, model.safetensors, tokenizer files); fixtures return it
+as a `pathlib.Path`. All share one tokenizer (vocab 512, bos=1, eos=2, pad=3) trained once into `tokenizer_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchllm.tiny import build_tiny_checkpoint, train_tokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))  # lets tests `from hf_reference import hf_greedy`
+
+LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+def pytest_configure(config):
+    """Pin torch's CPU threads (BATCHLLM_TEST_THREADS, default min(2, cores)) so runs are steady and reproducible."""
+    torch.set_num_threads(int(os.environ.get("BATCHLLM_TEST_THREADS", min(2, os.cpu_count() or 1))))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The shared byte-level BPE tokenizer folder (HF format, with chat template)."""
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def _build(tmp_path_factory, tokenizer_dir: Path, name: str, arch: str = "llama", **kwargs) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp(name), arch, tokenizer_dir=tokenizer_dir, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    """Llama, hidden 64, 2 layers, 4 heads / 2 KV heads (GQA), head_dim 16, vocab 512, untied, seed 0."""
+    return _build(tmp_path_factory, tokenizer_dir, "tiny_llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, tokenizer_dir) -> Path:
+    """Qwen2, same shape as tiny_llama, with q/k/v biases and tied embeddings (no lm_head.weight in the file)."""
+    return _build(tmp_path_factory, tokenizer_dir, "tiny_qwen2", "qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory, tokenizer_dir) -> Path:
+    """Mistral, same shape as tiny_llama, sliding_window None (full attention), seed 2."""
+    return _build(tmp_path_factory, tokenizer_dir, "tiny_mistral", "mistral", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_mqa(tmp_path_factory, tokenizer_dir) -> Path:
+    """Llama with 4 heads / 1 KV head (multi-query attention), seed 3."""
+    return _build(tmp_path_factory, tokenizer_dir, "tiny_llama_mqa", "llama", num_kv_heads=1, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_rope(tmp_path_factory, tokenizer_dir) -> Path:
+    """Llama with llama3 rope scaling (factor 8, low 1, high 4, original max positions 64), rope_theta 500000."""
+    return _build(tmp_path_factory, tokenizer_dir, "tiny_llama3_rope", "llama", rope_theta=500000.0,
+                  rope_scaling=dict(LLAMA3_ROPE_SCALING), seed=4)
