@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from batchllm.batch import build_sequences
 from batchllm.config import EngineConfig, ModelConfig
 from batchllm.detokenize import IncrementalDetokenizer, find_stop
-from batchllm.kv.block_pool import BlockPool, block_hashes
+from batchllm.kv.block_pool import BlockPool
 from batchllm.kv.cache import KVCache
 from batchllm.model.llama import LlamaModel
 from batchllm.model.loader import load_weights
@@ -248,38 +249,17 @@ class LLM:
         return None
 
     def _add_requests(self, requests: list[_Request]) -> None:
-        """Build sequences (nodes and leaves) from the global plan and queue the groups, decode-heavy first."""
-        bs = self.config.block_size
+        """Plan the batch globally, build node and leaf sequences, and queue the groups in their start order."""
         flat: list[tuple[_Request, int]] = [(r, k) for r in requests for k in range(r.params.n)]
-        plan = plan_batch([r.prompt_ids for r, _ in flat], bs, mode=self.plan_mode)
+        prompts = [r.prompt_ids for r, _ in flat]
+        plan = plan_batch(prompts, self.config.block_size, mode=self.plan_mode)
+        seqs = build_sequences(plan, prompts, [r.params.max_tokens for r, _ in flat], [r.index for r, _ in flat],
+                               [k for _, k in flat], self.config.policy)
         self._stats["plan"] = plan.stats.to_dict()
-        self._stats["prompt_tokens"] = sum(len(r.prompt_ids) for r in requests)
-        self.progress["prompt_tokens"] = self._stats["prompt_tokens"]
-        seq_id = 0
-        nodes: list[Seq] = []
-        for node in plan.nodes:
-            parent = nodes[node.parent] if node.parent >= 0 else None
-            ids = flat[node.request][0].prompt_ids[:node.end]
-            seq = Seq(seq_id, ids, node.start, parent, is_node=True)
-            seq_id += 1
-            nodes.append(seq)
-            if parent is not None:
-                parent.children.append(seq)
-        caching = self.config.policy in ("fcfs-cache", "lpm-cache")
-        leaves: list[Seq] = []
-        for j, (req, k) in enumerate(flat):
-            lp = plan.leaf_parent[j]
-            parent = nodes[lp] if lp >= 0 else None
-            start = parent.num_tokens if parent is not None else 0
-            leaf = Seq(seq_id, list(req.prompt_ids), start, parent, is_node=False, request_index=req.index,
-                       sample_index=k, max_tokens=req.params.max_tokens)
-            seq_id += 1
-            leaf.num_cached_tokens = start
-            if caching:
-                leaf.block_hashes = block_hashes(req.prompt_ids, bs)
-            if parent is not None:
-                parent.children.append(leaf)
-            leaves.append(leaf)
+        self._stats["prompt_tokens"] = self.progress["prompt_tokens"] = sum(len(r.prompt_ids) for r in requests)
+        self._leaf_req = {}
+        for (req, k), leaf in zip(flat, seqs.leaves):
+            self._leaf_req[leaf.seq_id] = (req, k)
             req.leaves.append(leaf)
             req.outputs.append(None)
             req.cumulative.append(0.0)
@@ -287,31 +267,7 @@ class LLM:
             req.detok.append(IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.skip_special_tokens)
                              if req.params.stop else None)
             req.pending += 1
-        for n in nodes:
-            n.pending_children = len(n.children)
-        self._leaf_req = {leaf.seq_id: (req, leaf.sample_index) for req in requests for leaf in req.leaves}
-        roots = []
-        for g, (members, root) in enumerate(zip(plan.groups, plan.group_root)):
-            decode = sum(flat[j][0].params.max_tokens for j in members)
-            if root >= 0:
-                top = nodes[root]
-                prefill = sum(n.num_tokens - n.start for n in nodes if self._root_of(n) is top)
-                prefill += sum(leaves[j].num_tokens - leaves[j].start for j in members)
-            else:
-                top = leaves[members[0]]
-                prefill = top.num_tokens
-            roots.append((decode / max(1, prefill), g, top))
-        if self.config.policy == "batchllm":
-            roots.sort(key=lambda x: (-x[0], x[1]))  # decode-heavy groups first; stable otherwise
-        else:
-            roots.sort(key=lambda x: (x[2].request_index if not x[2].is_node else -1, x[1]))
-        self.scheduler.add([top for _, _, top in roots])
-
-    @staticmethod
-    def _root_of(seq: Seq) -> Seq:
-        while seq.parent is not None:
-            seq = seq.parent
-        return seq
+        self.scheduler.add(seqs.roots)
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[_Request]:

@@ -10,7 +10,9 @@ expected to grow to; there is no cap on the number of running sequences. The str
 "lpm-cache", "fcfs") admit on the blocks needed now, under a request cap, as vLLM and SGLang do.
 
 When a running sequence cannot get a block, the most recently admitted running sequence is preempted (its own blocks
-are freed and it is recomputed later); shared nodes a group still needs are never evicted while it runs.
+are freed and it is recomputed later). Shared nodes a running sequence needs are never evicted; a shared node whose
+subtree is entirely waiting is evicted only when the last running sequence (or, with none running, the head of the
+queue) cannot fit otherwise.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class Scheduler:
         self.max_num_seqs = None if self.memory_centric else max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.resident: list[Sequence] = []  # computed shared nodes holding KV for their children, oldest first
         self.estimator = DecodeEstimator(cfg.decode_estimate if self.memory_centric else "max_tokens")
         self.step_index = 0
         self.num_preemptions = 0
@@ -111,10 +114,8 @@ class Scheduler:
             budget -= n
         if not plan.preempted:
             self._admit(plan, budget)
-        if not plan.seqs and self.waiting:
-            self._unstick()
-            if not self.running:
-                self._admit(plan, self.cfg.max_num_batched_tokens)
+        while not plan.seqs and self.waiting and not self.running and self._evict_idle_node(self.waiting[0]):
+            self._admit(plan, self.cfg.max_num_batched_tokens)
         return plan
 
     def _blocks_for(self, seq: Sequence, upto: int) -> int:
@@ -132,6 +133,8 @@ class Scheduler:
 
     def _allocate_or_preempt(self, seq: Sequence, n: int, plan: StepPlan) -> bool:
         while not self._allocate(seq, seq.num_computed_tokens + n):
+            if len(self.running) == 1 and self._evict_idle_node(seq):
+                continue
             victim = self.running[-1]
             self._preempt(victim)
             plan.preempted.append(victim)
@@ -221,47 +224,50 @@ class Scheduler:
             hit.pop()
         return hit
 
-    def _unstick(self) -> None:
-        """Nothing could run: shared nodes of groups with no running member hold the memory the head of the queue
-        needs. Evict the most recently started such group (it is recomputed later) until the head fits or none is
-        left. Rare: only under estimates that proved too low and a KV budget close to one request."""
-        head = self.waiting[0]
-        keep = set(id(a) for a in head.ancestors())
-        while True:
-            roots = [s for s in self.waiting if s.parent is not None and id(self._root(s)) not in keep]
-            if not roots:
-                return
-            root = self._root(roots[-1])
-            self._reset_group(root)
+    def _evict_idle_node(self, keep: Sequence) -> bool:
+        """Free the most recently computed shared node that no running sequence and no ancestor of `keep` needs: its
+        subtree goes back to the queue (tail) to be recomputed. Returns False when there is none. Rare: it only
+        happens when a KV budget close to one request's size meets shared nodes of other subtrees."""
+        keep_ids = {id(a) for a in keep.ancestors()}
+        for node in reversed(self.resident):
+            if id(node) in keep_ids or self._subtree_running(node):
+                continue
+            self._reset_subtree(node)
+            return True
+        return False
 
     @staticmethod
-    def _root(seq: Sequence) -> Sequence:
-        while seq.parent is not None:
-            seq = seq.parent
-        return seq
+    def _subtree_running(node: Sequence) -> bool:
+        stack = list(node.children)
+        while stack:
+            s = stack.pop()
+            if s.status is Status.RUNNING:
+                return True
+            stack.extend(s.children)
+        return False
 
-    def _reset_group(self, root: Sequence) -> None:
-        """Return a group whose members are all waiting to its initial state: nodes freed, root queued last."""
-        members = set()
-        stack = [root]
+    def _reset_subtree(self, top: Sequence) -> None:
+        """Return a resident node and everything under it to the not-yet-computed state; queue `top` last."""
+        members, stack = set(), [top]
         while stack:
             s = stack.pop()
             members.add(id(s))
             stack.extend(s.children)
         self.waiting = deque(s for s in self.waiting if id(s) not in members)
-        stack = [root]
+        stack = [top]
         while stack:
             s = stack.pop()
-            if s.is_node:
-                if s.blocks:
-                    self._release(s.blocks)
+            if s.is_node and s.status is Status.COMPUTED:
+                self.resident.remove(s)
+                self._release(s.blocks)
                 s.blocks = []
                 s.pending_children = sum(1 for c in s.children if c.status is not Status.FINISHED)
                 s.num_computed_tokens = s.start
                 s.status = Status.WAITING
+                s.num_preemptions += 1
                 stack.extend(s.children)
         self.num_preemptions += 1
-        self.waiting.append(root)
+        self.waiting.append(top)
 
     # ----------------------------------------------------------------- update
     def commit(self, plan: StepPlan) -> None:
@@ -276,6 +282,7 @@ class Scheduler:
                     self.pool.cache(seq.blocks[i], seq.block_hashes[i])
             if seq.is_node and seq.num_computed_tokens == seq.num_tokens:
                 self.running.remove(seq)
+                self.resident.append(seq)
                 seq.status = Status.COMPUTED
                 self.waiting.extendleft(reversed([c for c in seq.children if c.status is not Status.FINISHED]))
 
@@ -296,5 +303,9 @@ class Scheduler:
                 break
             self._release(node.blocks)
             node.blocks = []
+            if node.status is Status.COMPUTED:
+                self.resident.remove(node)
+            elif node.status is Status.WAITING and node in self.waiting:
+                self.waiting.remove(node)
             node.status = Status.FINISHED
             node = node.parent
