@@ -67,6 +67,7 @@ class AttentionMetadata:
     buckets: list[AttnBucket]
     merge_rows: torch.Tensor  # int64 [N]: packed row of each merged partial result (buckets concatenated)
     single_cover: bool  # every row appears in exactly one partial result: the merge is a plain scatter
+    merge_index: torch.Tensor | None  # int64 [T, L]: the partial results of each row (N = "none"); None if single
     _masks: dict = field(default_factory=dict, repr=False)
     _workspace: dict = field(default_factory=dict, repr=False)
 
@@ -106,6 +107,7 @@ class AttentionMetadata:
             missing = np.nonzero(cover == 0)[0][:8].tolist()
             raise ValueError(f"rows {missing} see no key in any attention part")
         merge_rows = torch.cat([b.sel_rows for b in buckets]) if buckets else torch.zeros(0, dtype=torch.int64)
+        single = bool((cover == 1).all())
         return cls(
             num_tokens=num_tokens,
             block_size=block_size,
@@ -113,7 +115,8 @@ class AttentionMetadata:
             write_rows=write_rows,
             buckets=buckets,
             merge_rows=merge_rows.to(device),
-            single_cover=bool((cover == 1).all()),
+            single_cover=single,
+            merge_index=None if single else _merge_index(merge_rows.numpy(), cover).to(device),
         )
 
     def additive_mask(self, index: int, dtype: torch.dtype, group: int) -> torch.Tensor | None:
@@ -292,24 +295,35 @@ def _attend_math(
     return out.to(q.dtype), lse
 
 
+def _merge_index(rows: np.ndarray, cover: np.ndarray) -> torch.Tensor:
+    """[T, L] indices of each row's partial results in the concatenated list (L = most parts covering a row);
+    slots past a row's own count point at index N, a sentinel with lse = -inf."""
+    n = rows.shape[0]
+    levels = int(cover.max())
+    order = np.argsort(rows, kind="stable")  # partial results grouped by row
+    first = np.concatenate(([0], np.cumsum(cover)[:-1]))  # [T] where each row's run starts in `order`
+    level = np.arange(n) - np.repeat(first, cover)  # [N] rank of each (sorted) partial result within its row
+    index = np.full((cover.shape[0], levels), n, dtype=np.int64)
+    index[rows[order], level] = order
+    return torch.from_numpy(index)
+
+
 def _merge(
     outs: list[torch.Tensor], lses: list[torch.Tensor], meta: AttentionMetadata, q: torch.Tensor
 ) -> torch.Tensor:
-    """Log-sum-exp merge of the partial results into [T, H, D] (in fp32, returned in q's dtype)."""
+    """Log-sum-exp merge of the partial results into [T, H, D] (in fp32, returned in q's dtype).
+
+    Gathers each row's L partial results into a dense [T, L, ...] block (no scatter-add): the weights are a
+    softmax over the L log-sum-exps, so out = sum_l softmax(lse)_l * o_l."""
     num_tokens, n_heads, d = q.shape
-    rows = meta.merge_rows  # [N]
     if not outs:
         return torch.zeros_like(q)
     if meta.single_cover:
         result = torch.empty((num_tokens, n_heads, d), dtype=q.dtype, device=q.device)
-        return result.index_copy_(0, rows, torch.cat(outs).to(q.dtype))
-    out = torch.cat(outs).float()  # [N, H, D]
-    lse = torch.cat(lses)  # [N, H]
-    peak = torch.full((num_tokens, n_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    peak.scatter_reduce_(0, rows[:, None].expand(-1, n_heads), lse, reduce="amax")  # [T, H]
-    weight = torch.exp(lse - peak.index_select(0, rows))  # [N, H]
-    num = torch.zeros((num_tokens, n_heads, d), dtype=torch.float32, device=q.device)
-    num.index_add_(0, rows, out * weight.unsqueeze(-1))  # [T, H, D]
-    den = torch.zeros((num_tokens, n_heads), dtype=torch.float32, device=q.device)
-    den.index_add_(0, rows, weight)  # [T, H]
-    return (num / den.unsqueeze(-1)).to(q.dtype)
+        return result.index_copy_(0, meta.merge_rows, torch.cat(outs).to(q.dtype))
+    outs.append(torch.zeros((1, n_heads, d), dtype=outs[0].dtype, device=q.device))
+    lses.append(torch.full((1, n_heads), float("-inf"), dtype=torch.float32, device=q.device))
+    index = meta.merge_index  # [T, L]
+    out = torch.cat(outs)[index]  # [T, L, H, D]
+    weight = torch.softmax(torch.cat(lses)[index], dim=1)  # [T, L, H]
+    return (out.float() * weight.unsqueeze(-1)).sum(dim=1).to(q.dtype)  # [T, H, D]
