@@ -36,11 +36,18 @@ def main(args) -> int:
                 if not line.strip():
                     continue
                 try:
-                    prompts.append(prompt_ids_of(json.loads(line), tokenizer))
+                    ids = prompt_ids_of(json.loads(line), tokenizer)
                 except (ValueError, TypeError, AttributeError, KeyError):
+                    ids = []
+                if ids:
+                    prompts.append(ids)
+                else:
                     skipped += 1
     except OSError as e:
         print(f"batchllm analyze: cannot read {args.prompts}: {e}", file=sys.stderr)
+        return 2
+    if not prompts:
+        print(f"batchllm analyze: no usable prompt in {args.prompts}", file=sys.stderr)
         return 2
     figures = analyze_batch(prompts, args.block_size)
     figures["skipped_lines"] = skipped

@@ -1,0 +1,23 @@
+"""`batchllm analyze` reports what prefix sharing a prompts file allows, before anything runs."""
+
+import json
+
+from batchllm.cli import main
+
+
+def test_analyze_reports_figures(tiny_llama, tmp_path, capsys):
+    system = "You are a helpful assistant who answers questions about rivers and mountains briefly. " * 3
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "system", "content": system},
+                                    {"role": "user", "content": f"question number {i}?"}]}} for i in range(6)]
+    lines.append({"prompt": "a plain prompt"})
+    lines.append({"prompt_token_ids": [1, 5, 6, 7]})
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    assert main(["analyze", str(path), "--model", str(tiny_llama), "--block-size", "4", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["num_requests"] == 8
+    assert figures["skipped_lines"] == 1
+    assert figures["radix_tokens"] <= figures["nested_plan_tokens"] <= figures["one_level_plan_tokens"]
+    assert figures["one_level_plan_tokens"] < figures["logical_tokens"]
+    assert figures["nested_num_groups"] == 1

@@ -1,0 +1,84 @@
+"""ModelConfig.from_hf and engine construction: architectures, rope, dtype and KV budget."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from batchllm import LLM
+from batchllm.config import EngineConfig, ModelConfig
+from batchllm.kv.cache import KVCache
+from batchllm.llm import resolve_dtype
+
+
+def test_configs_of_the_three_architectures(tiny_llama, tiny_qwen2, tiny_mistral, tiny_llama_mqa, tiny_llama3_rope):
+    llama = ModelConfig.from_hf(tiny_llama)
+    assert (llama.architecture, llama.num_heads, llama.num_kv_heads, llama.head_dim) == ("LlamaForCausalLM", 4, 2, 16)
+    assert not llama.qkv_bias and not llama.tie_word_embeddings and llama.sliding_window is None
+    qwen = ModelConfig.from_hf(tiny_qwen2)
+    assert qwen.architecture == "Qwen2ForCausalLM" and qwen.qkv_bias and qwen.tie_word_embeddings
+    assert ModelConfig.from_hf(tiny_mistral).architecture == "MistralForCausalLM"
+    assert ModelConfig.from_hf(tiny_llama_mqa).num_kv_heads == 1
+    rope = ModelConfig.from_hf(tiny_llama3_rope).rope
+    assert (rope.rope_type, rope.factor, rope.theta, rope.original_max_position_embeddings) == ("llama3", 8.0,
+                                                                                               500000.0, 64)
+    with pytest.raises(dataclasses_frozen_error()):
+        llama.hidden_size = 1
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+def test_unknown_architecture_is_named(tiny_llama, tmp_path):
+    d = tmp_path / "gpt"
+    shutil.copytree(tiny_llama, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        ModelConfig.from_hf(d)
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        LLM(str(d))
+
+
+def test_missing_weights_are_reported(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "broken"
+    shutil.copytree(tiny_llama, d)
+    tensors = load_file(d / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(KeyError, match="down_proj"):
+        LLM(str(d), dtype="float32", kv_cache_memory_bytes=1 << 20)
+
+
+def test_kv_budget_is_honoured_exactly(tiny_llama):
+    cfg = ModelConfig.from_hf(tiny_llama)
+    per_block = KVCache.bytes_per_block(cfg, 4, torch.float32)
+    assert per_block == 4 * 2 * 2 * 2 * 16 * 4  # tokens x (K,V) x layers x kv heads x head_dim x bytes
+    llm = LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=10 * per_block + per_block - 1, block_size=4)
+    assert llm.config.kv_cache_blocks == 10
+    assert sum(t.numel() * t.element_size() for t in llm.kv.layers) == 10 * per_block
+    with pytest.raises(ValueError, match="no KV block"):
+        LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=per_block - 1, block_size=4)
+
+
+def test_dtype_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("float32", cpu) is torch.float32
+    assert resolve_dtype("bfloat16", cpu) is torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int8", cpu)
+
+
+def test_engine_config_validates():
+    with pytest.raises(ValueError, match="policy"):
+        EngineConfig(policy="lifo")
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig(block_size=0)
