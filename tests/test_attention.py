@@ -14,6 +14,20 @@ from batchllm.model.attention import AttentionMetadata, AttnPart, paged_attentio
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True, params=["fused", "ragged"])
+def attention_path(request, monkeypatch):
+    """Run every test through the fused-kernel buckets and again through the ragged C++ kernel (all parts)."""
+    if request.param == "fused":
+        monkeypatch.setattr(attn_mod, "RAGGED_MAX_QUERIES", 0)
+    else:
+        if request.node.get_closest_marker("fused_only"):
+            pytest.skip("checks the layout of fused-kernel buckets")
+        if attn_mod.load_ragged_attention() is None:
+            pytest.skip("the ragged CPU kernel could not be built here")
+        monkeypatch.setattr(attn_mod, "RAGGED_MAX_QUERIES", 10**9)
+    return request.param
+
+
 @dataclass
 class Segment:
     blocks: list[int]
@@ -225,6 +239,7 @@ def test_bf16_close_to_fp32():
     assert (out.float() - out32).abs().max().item() > 0  # bf16 really ran in bf16
 
 
+@pytest.mark.fused_only
 def test_split_buckets_give_same_result():
     step = group_step(7, 53)
     out, ref, meta = run_case(step, 8, 2)
@@ -264,6 +279,7 @@ def test_cache_write_exact_slots():
     assert torch.equal(flat[:, ~written], before.view(2, -1, kvh, d)[:, ~written])
 
 
+@pytest.mark.fused_only
 def test_buckets_keep_long_part_apart_from_decodes():
     bs = 16
     positions = np.concatenate([np.arange(512), np.full(200, 100)])
@@ -280,6 +296,7 @@ def test_buckets_keep_long_part_apart_from_decodes():
     assert all(b.visible is None for b in small)  # every decode sees all its keys: no mask at all
 
 
+@pytest.mark.fused_only
 def test_query_padding_alone_needs_no_mask():
     """Prefix parts of different query counts over equal prefixes are padded in queries only: no mask."""
     step = Step(10)
@@ -293,6 +310,7 @@ def test_query_padding_alone_needs_no_mask():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.fused_only
 def test_bucket_padding_bounded():
     """Parts of mixed shapes: padded work stays within 4x of the real work (2x per dimension at most)."""
     rng = np.random.default_rng(9)

@@ -19,9 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from batchllm.model.cpu_kernels import load_ragged_attention
+
 # Default cap on the padded key slots (bucket batch x keys) gathered by one attention call; bigger buckets are split.
 # It bounds the temporary K/V copy (e.g. 2^17 slots x 4 KV heads x 64 x bf16 x 2 = 128 MiB).
 DEFAULT_MAX_KEYS_PER_CALL = 1 << 17
+# Parts with at most this many query rows (decodes, short chunks) go to the ragged CPU kernel when it is available:
+# it reads their keys straight from the paged cache, where the fused kernel pays a fixed cost per (part, head).
+RAGGED_MAX_QUERIES = 8
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,54 @@ class AttnBucket:
 
 
 @dataclass
+class RaggedParts:
+    """Small parts laid out for the ragged kernel (CSR style): part p owns q_rows[q_ptr[p]:q_ptr[p+1]] and the keys
+    kv_slots[kv_ptr[p]:kv_ptr[p+1]] at positions kv_start[p], kv_start[p] + 1, ..."""
+
+    q_ptr: torch.Tensor  # int64 [P + 1]
+    q_rows: torch.Tensor  # int64 [NQ]
+    kv_ptr: torch.Tensor  # int64 [P + 1]
+    kv_slots: torch.Tensor  # int64 [NK]
+    kv_start: torch.Tensor  # int64 [P]
+    q_pos: torch.Tensor  # int64 [T]
+    rows_np: np.ndarray  # int64 [NQ], q_rows as numpy (for the cover count)
+
+    @classmethod
+    def build(cls, parts: Sequence[AttnPart], positions: np.ndarray, block_size: int, device) -> RaggedParts:
+        q_counts = np.array([len(p.q_rows) for p in parts], dtype=np.int64)
+        kv_counts = np.array([p.kv_len for p in parts], dtype=np.int64)
+        rows = np.concatenate([np.asarray(p.q_rows, dtype=np.int64) for p in parts])
+        slots = np.concatenate([_segment_slots(p.block_ids, p.kv_len, block_size) for p in parts])
+        return cls(
+            q_ptr=torch.from_numpy(np.concatenate(([0], np.cumsum(q_counts)))).to(device),
+            q_rows=torch.from_numpy(rows).to(device),
+            kv_ptr=torch.from_numpy(np.concatenate(([0], np.cumsum(kv_counts)))).to(device),
+            kv_slots=torch.from_numpy(slots).to(device),
+            kv_start=torch.tensor([p.kv_start for p in parts], dtype=torch.int64, device=device),
+            q_pos=torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(device),
+            rows_np=rows,
+        )
+
+
+    def sees_keys(self, parts: Sequence[AttnPart], positions: np.ndarray, window: int | None) -> np.ndarray:
+        """bool [NQ]: whether each (part, row) sees at least one key of its part."""
+        q_pos = positions[self.rows_np]  # [NQ]
+        counts = [len(p.q_rows) for p in parts]
+        first = np.repeat([p.kv_start for p in parts], counts)  # [NQ]
+        last = np.repeat([p.kv_start + p.kv_len - 1 for p in parts], counts)  # [NQ]
+        seen = first <= q_pos
+        if window:
+            seen &= last > q_pos - window
+        return seen
+
+
+def _segment_slots(block_ids: Sequence[int], kv_len: int, block_size: int) -> np.ndarray:
+    """Flat cache slots [kv_len] of a segment's keys."""
+    blocks = np.asarray(block_ids[: -(-kv_len // block_size)], dtype=np.int64)  # [nb]
+    return (blocks[:, None] * block_size + np.arange(block_size, dtype=np.int64)).reshape(-1)[:kv_len]
+
+
+@dataclass
 class AttentionMetadata:
     """Everything index-like of one step's attention; built once per step, read by every layer.
 
@@ -68,6 +121,8 @@ class AttentionMetadata:
     merge_rows: torch.Tensor  # int64 [N]: packed row of each merged partial result (buckets concatenated)
     single_cover: bool  # every row appears in exactly one partial result: the merge is a plain scatter
     merge_index: torch.Tensor | None  # int64 [T, L]: the partial results of each row (N = "none"); None if single
+    ragged: RaggedParts | None = None  # small parts for the ragged CPU kernel (their rows come last in merge_rows)
+    window: int = 0  # sliding window (0: none)
     _masks: dict = field(default_factory=dict, repr=False)
     _workspace: dict = field(default_factory=dict, repr=False)
 
@@ -81,6 +136,7 @@ class AttentionMetadata:
         device: torch.device,
         sliding_window: int | None = None,
         max_keys_per_call: int = DEFAULT_MAX_KEYS_PER_CALL,
+        ragged_max_queries: int | None = None,
     ) -> AttentionMetadata:
         """Bucket ``parts`` by shape and pre-compute indices and visibility masks for ``paged_attention``.
 
@@ -97,17 +153,26 @@ class AttentionMetadata:
         slot_t = torch.from_numpy(np.ascontiguousarray(slots[keep])).to(device)
 
         live = [p for p in parts if len(p.q_rows) > 0 and p.kv_len > 0]
+        if ragged_max_queries is None:
+            ragged_max_queries = RAGGED_MAX_QUERIES if device.type == "cpu" and load_ragged_attention() else 0
+        small = [p for p in live if len(p.q_rows) <= ragged_max_queries]
+        live = [p for p in live if len(p.q_rows) > ragged_max_queries]
         buckets: list[AttnBucket] = []
         cover = np.zeros(num_tokens, dtype=np.int64)
         for group in _bucket_parts(live, max_keys_per_call):
             bucket, rows = _build_bucket(group, positions, block_size, sliding_window, device)
             buckets.append(bucket)
             np.add.at(cover, rows, 1)
-        if num_tokens and (cover == 0).any():
+        ragged = RaggedParts.build(small, positions, block_size, device) if small else None
+        if ragged is not None:
+            np.add.at(cover, ragged.rows_np[ragged.sees_keys(small, positions, sliding_window)], 1)
+        if num_tokens and (cover == 0).any():  # cover: parts in which a row sees at least one key
             missing = np.nonzero(cover == 0)[0][:8].tolist()
             raise ValueError(f"rows {missing} see no key in any attention part")
-        merge_rows = torch.cat([b.sel_rows for b in buckets]) if buckets else torch.zeros(0, dtype=torch.int64)
-        single = bool((cover == 1).all())
+        row_lists = [b.sel_rows for b in buckets] + ([ragged.q_rows.cpu()] if ragged is not None else [])
+        merge_rows = torch.cat(row_lists) if row_lists else torch.zeros(0, dtype=torch.int64)
+        count = np.bincount(merge_rows.numpy(), minlength=num_tokens)  # partial results per row
+        single = bool((count == 1).all())
         return cls(
             num_tokens=num_tokens,
             block_size=block_size,
@@ -116,7 +181,9 @@ class AttentionMetadata:
             buckets=buckets,
             merge_rows=merge_rows.to(device),
             single_cover=single,
-            merge_index=None if single else _merge_index(merge_rows.numpy(), cover).to(device),
+            merge_index=None if single else _merge_index(merge_rows.numpy(), count).to(device),
+            ragged=ragged,
+            window=sliding_window or 0,
         )
 
     def additive_mask(self, index: int, dtype: torch.dtype, group: int) -> torch.Tensor | None:
@@ -267,6 +334,13 @@ def paged_attention(
         lse = lse.view(b, n_kv, lq, group).permute(0, 2, 1, 3).reshape(b * lq, n_heads)  # [B*Lq, H]
         outs.append(out.index_select(0, bucket.sel))
         lses.append(lse.index_select(0, bucket.sel))
+    if meta.ragged is not None:
+        r = meta.ragged
+        kernel = load_ragged_attention()
+        out, lse = kernel(q.contiguous(), kv_cache.view(2, -1, n_kv, d), r.q_ptr, r.q_rows, r.kv_ptr, r.kv_slots,
+                          r.kv_start, r.q_pos, meta.window, scale)  # [NQ, H, D] fp32, [NQ, H] fp32
+        outs.append(out.to(q.dtype))
+        lses.append(lse)
     return _merge(outs, lses, meta, q)
 
 
