@@ -174,7 +174,7 @@ class LLM:
         """Run the batch, yielding (input index, output) as each request finishes."""
         prompts = list(prompts)
         params_list = _expand_params(sampling_params, len(prompts))
-        start = time.perf_counter()
+        start = self._t0 = time.perf_counter()
         self._begin(len(prompts))
         requests: list[_Request] = []
         for i, (p, sp) in enumerate(zip(prompts, params_list)):
@@ -300,7 +300,7 @@ class LLM:
         st["computed_prompt_tokens"] += prefill
         st["output_tokens"] += len(rows)
         sched = self.scheduler
-        st["trace"].append({"t": round(time.perf_counter(), 4), "prefill_tokens": prefill,
+        st["trace"].append({"t": round(time.perf_counter() - self._t0, 4), "prefill_tokens": prefill,
                             "decode_tokens": plan.num_tokens - prefill, "num_seqs": len(plan.seqs),
                             "kv_blocks_used": sched.pool.num_used})
         pr.update(step=pr["step"] + 1, computed_prompt_tokens=st["computed_prompt_tokens"],

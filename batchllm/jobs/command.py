@@ -1,0 +1,390 @@
+"""`batchllm run`: an OpenAI Batch JSONL file in, an OpenAI Batch output file out, resumable.
+
+Flow: recover OUT (cut a torn last line, index what is done) -> pass 1 over IN with the tokenizer only: every line
+is parsed and validated, bad lines become error lines at once, the byte offsets of runnable lines are kept (8+8 bytes
+per line, never the prompts) -> the model loads -> pass 2 reads the runnable lines back in windows of `--window`
+requests, each window one `llm.generate_stream` call, results appended to OUT as they finish -> summary, stats
+JSON, HTML report. Memory holds one window of prompts, the set of custom_ids, and bounded trace bins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchllm.jobs import openai_batch as ob
+from batchllm.jobs.report import JobTotals, format_summary, summary, write_report, write_stats_json
+from batchllm.jobs.writer import CorruptOutput, ResultWriter, ResumeIndex, recover
+
+POLICIES = ("batchllm", "fcfs-cache", "lpm-cache", "fcfs")
+SCAN_CHUNK = 512  # lines validated (and tokenized) together
+ENGINE_DEFAULT_CONTEXT = 2048  # the context the engine assumes when config.json names none
+
+
+class JobError(Exception):
+    """The job cannot run at all; the message is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Runnable input lines not yet in OUT: their byte offsets and line numbers (compact arrays)."""
+
+    offsets: array
+    line_nos: array
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Adds the `run` options to a (sub)parser."""
+    p.add_argument("-i", "--input", required=True, help="OpenAI Batch input file (JSONL)")
+    p.add_argument("-o", "--output", required=True, help="output file (JSONL); appended to, resumed if it exists")
+    p.add_argument("--model", required=True, help="local HF model folder (config.json, *.safetensors, tokenizer)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None)
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="exact KV cache budget in bytes")
+    g.add_argument("--block-size", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--policy", choices=POLICIES, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
+    j = p.add_argument_group("job")
+    j.add_argument("--window", type=int, default=8192,
+                   help="requests per engine call (prefix sharing is planned within a window; bounds memory)")
+    j.add_argument("--default-max-tokens", type=int, default=ob.DEFAULT_MAX_TOKENS_CAP,
+                   help="max_tokens of lines that set none: min(this, context length - prompt length)")
+    j.add_argument("--sync-every", type=int, default=32, help="fsync OUT every N result lines ...")
+    j.add_argument("--sync-interval", type=float, default=1.0, help="... or after this many seconds")
+    j.add_argument("--stats-json", default=None, help="write the end-of-job figures to this JSON file")
+    j.add_argument("--report", default=None, help="write an HTML report (report.html) into this folder")
+    j.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs the job; 0 when it ran (whatever failed line by line), 2/1 with a one-line reason when it cannot run,
+    130 when interrupted (rerun to resume)."""
+    try:
+        return run_job(args)
+    except JobError as e:
+        print(f"batchllm run: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("batchllm run: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # a one-line reason, no traceback; finished results are already synced
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"batchllm run: error: {type(e).__name__}: {msg}", file=sys.stderr)
+        return 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# setup
+
+
+def check_paths(input_path: str, output_path: str, model_dir: str) -> dict:
+    """Checks that the job can start; returns the model's config.json. Raises JobError with the reason."""
+    inp = Path(input_path)
+    if not inp.is_file():
+        raise JobError(f"cannot read input file {input_path}: no such file")
+    if not os.access(inp, os.R_OK):
+        raise JobError(f"cannot read input file {input_path}: permission denied")
+    if Path(output_path).exists() and Path(output_path).resolve() == inp.resolve():
+        raise JobError("the output file must differ from the input file")
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.is_file():
+        raise JobError(f"no model at {model_dir} (config.json not found)")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise JobError(f"cannot read {cfg_path}: {e}") from None
+
+
+def load_encoder(model_dir: str, config: dict) -> ob.PromptEncoder:
+    """The tokenizer of the model folder (no weights loaded). Raises JobError."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:
+        raise JobError(f"cannot load the tokenizer of {model_dir}: {str(e).strip().splitlines()[0]}") from None
+    vocab = config.get("vocab_size")
+    return ob.PromptEncoder(tok, vocab if isinstance(vocab, int) else None)
+
+
+def engine_params_factory() -> Callable[..., Any] | None:
+    """The engine's SamplingParams class when the engine is importable, else None (validation then relies on
+    the checks of openai_batch alone)."""
+    try:
+        from batchllm import SamplingParams
+    except ImportError:
+        return None
+    return SamplingParams
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pass 1: validation
+
+
+def iter_lines(path: str | Path, offsets: array | None = None) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, raw line) of the non-blank lines of a file; with `offsets`, only those offsets
+    (paired with line numbers by the caller) are read back, by seeking."""
+    with open(path, "rb") as f:
+        if offsets is None:
+            pos = 0
+            for n, raw in enumerate(f, start=1):
+                if raw.strip():
+                    yield n, pos, raw
+                pos += len(raw)
+        else:
+            for off in offsets:
+                f.seek(off)
+                yield 0, off, f.readline()
+
+
+def _chunks(it: Iterator, size: int) -> Iterator[list]:
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+@dataclass
+class Validator:
+    """Validates request lines: parameters, prompt tokens, context fit and engine SamplingParams. Stateless apart
+    from the configuration it holds."""
+
+    encoder: ob.PromptEncoder
+    max_model_len: int | None
+    default_max_tokens: int = ob.DEFAULT_MAX_TOKENS_CAP
+    make_params: Callable[..., Any] | None = None
+
+    def prepare(self, reqs: list[ob.BatchRequest]) -> list[tuple[list[int], Any] | ob.LineError]:
+        """(prompt token ids, sampling params) per request, or its LineError. Sampling params are engine
+        SamplingParams when make_params is set, else the keyword dict."""
+        out: list[tuple[list[int], Any] | ob.LineError] = []
+        for req, ids in zip(reqs, self.encoder.encode_many(reqs)):
+            try:
+                if isinstance(ids, ob.InvalidLine):
+                    raise ids
+                kw = dict(req.sampling)
+                kw["max_tokens"] = ob.resolve_max_tokens(kw.get("max_tokens"), len(ids), self.max_model_len,
+                                                         self.default_max_tokens)
+                params = kw
+                if self.make_params is not None:
+                    try:
+                        params = self.make_params(**kw)
+                    except (ValueError, TypeError) as e:
+                        raise ob.InvalidLine(ob.E_PARAM, str(e)) from None
+                out.append((ids, params))
+            except ob.InvalidLine as e:
+                out.append(ob.line_error(req.line_no, req.custom_id, e.code, e.message))
+        return out
+
+
+def scan_input(path: str | Path, validator: Validator, resume: ResumeIndex, writer: ResultWriter,
+               totals: JobTotals, chunk: int = SCAN_CHUNK) -> Pending:
+    """Pass 1. Validates every line; writes the error lines not yet in OUT; counts lines into totals; returns the
+    runnable lines not yet done. First occurrence of a custom_id claims it; later lines with it are duplicates
+    (error lines with custom_id null, so OUT never repeats a custom_id)."""
+    seen: set[str] = set()
+    pending = Pending(array("q"), array("q"))
+    for block in _chunks(iter_lines(path), chunk):
+        parsed: list[tuple[int, ob.BatchRequest | ob.LineError]] = []
+        for line_no, off, raw in block:
+            totals.lines_total += 1
+            item = ob.parse_line(raw, line_no)
+            cid = item.custom_id
+            if cid is not None and cid in seen:
+                item = ob.line_error(line_no, None, ob.E_DUPLICATE, f"custom_id {cid!r} repeats an earlier line")
+            elif cid is not None:
+                seen.add(cid)
+            if _already_done(item, resume):
+                totals.skipped_done += 1
+                continue
+            parsed.append((off, item))
+        prepared = iter(validator.prepare([it for _, it in parsed if isinstance(it, ob.BatchRequest)]))
+        for off, item in parsed:
+            if isinstance(item, ob.BatchRequest):
+                res = next(prepared)  # prepare keeps the order of its input
+                if isinstance(res, ob.LineError):
+                    item = res
+                else:
+                    pending.offsets.append(off)
+                    pending.line_nos.append(item.line_no)
+                    continue
+            totals.failed_validation += 1
+            writer.write(ob.error_line(item))
+    return pending
+
+
+def _already_done(item: ob.BatchRequest | ob.LineError, resume: ResumeIndex) -> bool:
+    if item.custom_id is not None:
+        return item.custom_id in resume.custom_ids
+    return item.line_no in resume.error_lines
+
+
+def read_pending(path: str | Path, pending: Pending, start: int, stop: int) -> list[ob.BatchRequest | ob.LineError]:
+    """Pass 2: parses the runnable lines pending[start:stop] again (they passed pass 1)."""
+    out = []
+    for (_, _, raw), line_no in zip(iter_lines(path, pending.offsets[start:stop]), pending.line_nos[start:stop]):
+        out.append(ob.parse_line(raw, line_no))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pass 2: generation
+
+
+class Progress:
+    """tqdm bar on stderr: requests done/total, tokens/s, prefix saving, KV use (from llm.progress)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="req", file=sys.stderr, dynamic_ncols=True,
+                            mininterval=0.5, desc="batchllm run")
+        self._last = 0.0
+
+    def advance(self, totals: JobTotals, live: dict | None, t_job: float) -> None:
+        """One more request done; refreshes the figures at most twice a second."""
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        now = time.monotonic()
+        if now - self._last < 0.5 or not live:
+            return
+        self._last = now
+        logical = totals.engine_prompt_tokens + int(live.get("prompt_tokens", 0) or 0)
+        computed = totals.computed_prompt_tokens + int(live.get("computed_prompt_tokens", 0) or 0)
+        tokens = totals.prompt_tokens + totals.output_tokens
+        saving = 1.0 - computed / logical if logical else 0.0
+        kv_total = live.get("kv_blocks_total") or 0
+        kv = 100.0 * (live.get("kv_blocks_used") or 0) / kv_total if kv_total else 0.0
+        self.bar.set_postfix_str(f"{tokens / max(now - t_job, 1e-9):.0f} tok/s, saving {100 * saving:.0f}%, "
+                                 f"KV {kv:.0f}%", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_windows(llm: Any, path: str | Path, pending: Pending, validator: Validator, writer: ResultWriter,
+                totals: JobTotals, window: int, model_name: str, progress: Progress) -> None:
+    """Pass 2: each window of pending lines is one generate_stream call; every result is written as it arrives
+    (nothing accumulated)."""
+    tok_text = validator.encoder.token_text
+    t_start = time.monotonic()
+    for start in range(0, len(pending), max(1, window)):
+        items = read_pending(path, pending, start, start + window)
+        reqs = [it for it in items if isinstance(it, ob.BatchRequest)]
+        prepared = validator.prepare(reqs)
+        run_reqs, prompts, params = [], [], []
+        for req, res in zip(reqs, prepared):
+            if isinstance(res, ob.LineError):  # cannot happen for an unchanged input file; kept safe
+                totals.failed_validation += 1
+                writer.write(ob.error_line(res))
+                continue
+            run_reqs.append(req)
+            prompts.append({"prompt_token_ids": res[0]})
+            params.append(res[1])
+        del items, prepared
+        if not run_reqs:
+            continue
+        t_call = time.monotonic() - t_start
+        for idx, out in llm.generate_stream(prompts, params):
+            req = run_reqs[idx]
+            write_result(writer, req, out, totals, model_name, tok_text)
+            progress.advance(totals, getattr(llm, "progress", None), t_start)
+        live = getattr(llm, "progress", None) or {}
+        totals.kv_blocks_total = max(totals.kv_blocks_total, int(live.get("kv_blocks_total", 0) or 0))
+        totals.add_engine_stats(llm.stats(), t_call)
+
+
+def write_result(writer: ResultWriter, req: ob.BatchRequest, out: Any, totals: JobTotals, model_name: str,
+                 token_text: Callable[[int], str] | None) -> None:
+    """Writes the output line of one finished request and counts it into totals."""
+    if getattr(out, "error", None) or any(o.finish_reason == "error" for o in out.outputs):
+        msg = out.error or "the engine could not run this request"
+        totals.failed_engine += 1
+        writer.write(ob.error_line(ob.line_error(req.line_no, req.custom_id, ob.E_ENGINE, msg)))
+        return
+    totals.ok += 1
+    totals.prompt_tokens += len(out.prompt_token_ids)
+    totals.output_tokens += sum(len(o.token_ids) for o in out.outputs)
+    writer.write(ob.response_line(req, out, model_name, int(time.time()), token_text))
+
+
+def build_llm(args: argparse.Namespace) -> Any:
+    """Loads the engine with the engine options given on the command line."""
+    from batchllm import LLM
+
+    kw = {k: getattr(args, k) for k in ("dtype", "kv_cache_memory_bytes", "block_size", "max_num_batched_tokens",
+                                        "policy", "seed", "device") if getattr(args, k, None) is not None}
+    return LLM(args.model, **kw)
+
+
+def run_job(args: argparse.Namespace, llm_factory: Callable[[argparse.Namespace], Any] = build_llm) -> int:
+    """The whole job (see the module docstring). Raises JobError when it cannot start."""
+    t0 = time.monotonic()
+    config = check_paths(args.input, args.output, args.model)
+    encoder = load_encoder(args.model, config)
+    context = ob.read_context_length(config) or ENGINE_DEFAULT_CONTEXT
+    validator = Validator(encoder, context, args.default_max_tokens, engine_params_factory())
+    try:
+        resume = recover(args.output)
+    except CorruptOutput as e:
+        raise JobError(str(e)) from None
+    except OSError as e:
+        raise JobError(f"cannot open output file {args.output}: {e.strerror}") from None
+    if resume.num_lines:
+        print(f"batchllm run: resuming: {resume.num_lines} results already in {args.output}"
+              + (f" (cut a torn last line of {resume.truncated_bytes} bytes)" if resume.truncated_bytes else ""),
+              file=sys.stderr)
+    totals = JobTotals()
+    try:
+        writer = ResultWriter(args.output, args.sync_every, args.sync_interval)
+    except OSError as e:
+        raise JobError(f"cannot open output file {args.output}: {e.strerror}") from None
+    progress = None
+    with writer:
+        try:
+            pending = scan_input(args.input, validator, resume, writer, totals)
+        except OSError as e:
+            raise JobError(f"cannot read input file {args.input}: {e.strerror}") from None
+        writer.sync()
+        del resume  # the done set is not needed any more
+        t_gen = time.monotonic()
+        if len(pending):
+            llm = llm_factory(args)
+            progress = Progress(totals.lines_total, totals.lines_total - len(pending), not args.no_progress)
+            t_gen = time.monotonic()
+            try:
+                run_windows(llm, args.input, pending, validator, writer, totals, args.window,
+                            Path(args.model).resolve().name, progress)
+            finally:
+                progress.close()
+    t_end = time.monotonic()
+    s = summary(totals, t_end - t_gen)
+    s["job_elapsed_s"] = round(t_end - t0, 3)
+    print(format_summary(s), file=sys.stderr)
+    if args.stats_json:
+        write_stats_json(args.stats_json, s)
+    if args.report:
+        page = write_report(args.report, s, totals)
+        print(f"batchllm run: report written to {page}", file=sys.stderr)
+    return 0

@@ -1,0 +1,497 @@
+"""OpenAI Batch lines: parse and validate input lines, build output lines (success and error).
+
+Input line:  {"custom_id": str, "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body": {...}}
+Output line: {"id", "custom_id", "response": {"status_code", "request_id", "body"} | null, "error": {...} | null}
+
+Nothing here imports torch or loads a model: validation needs only a tokenizer and the context length.
+Defaults chosen here (documented for users):
+- max_tokens absent: min(default cap, context length - prompt length), like servers that fill the remaining context.
+- Unknown body fields are rejected (the OpenAI API does the same), except harmless ones listed in IGNORED_FIELDS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+URLS = (CHAT_URL, COMPLETIONS_URL)
+DEFAULT_MAX_TOKENS_CAP = 1024
+
+REQUIRED_FIELDS = ("custom_id", "method", "url", "body")
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+# Accepted and ignored: they change nothing in an offline run.
+IGNORED_FIELDS = frozenset({"model", "user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+COMMON_FIELDS = frozenset({
+    "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs", "presence_penalty", "frequency_penalty",
+    # extensions accepted by vLLM and SGLang servers
+    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
+    # accepted only with their neutral value
+    "stream", "stream_options", "logit_bias", "response_format",
+})
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
+
+# Error codes of error lines.
+E_JSON = "invalid_json"
+E_MISSING = "missing_field"
+E_URL = "invalid_url"
+E_METHOD = "invalid_method"
+E_REQUEST = "invalid_request"
+E_PARAM = "invalid_parameter"
+E_DUPLICATE = "duplicate_custom_id"
+E_CONTEXT = "context_length_exceeded"
+E_ENGINE = "request_failed"
+
+
+class InvalidLine(Exception):
+    """A line that cannot run; carries the error code and a message without the line prefix."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class LineError:
+    """One bad input line; becomes an error line in the output."""
+
+    line_no: int
+    custom_id: str | None
+    code: str
+    message: str  # already prefixed with "line N: "
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """A structurally valid input line. `sampling` holds SamplingParams keyword arguments; max_tokens may be None
+    (filled in by `resolve_max_tokens` once the prompt length is known)."""
+
+    line_no: int
+    custom_id: str
+    url: str
+    model: str | None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    messages: tuple[dict[str, str], ...] | None = None  # chat
+    prompt: str | None = None  # completions, text prompt
+    prompt_token_ids: tuple[int, ...] | None = None  # completions, token prompt
+
+    @property
+    def is_chat(self) -> bool:
+        return self.url == CHAT_URL
+
+
+def line_error(line_no: int, custom_id: str | None, code: str, message: str) -> LineError:
+    """A LineError whose message names the input line number."""
+    return LineError(line_no, custom_id, code, f"line {line_no}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parsing
+
+
+def parse_line(text: str | bytes, line_no: int) -> BatchRequest | LineError:
+    """Parse one non-blank input line; structural and parameter checks only (no tokenizer)."""
+    custom_id = None
+    try:
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvalidLine(E_JSON, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidLine(E_JSON, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise InvalidLine(E_JSON, f"expected a JSON object, got {type(obj).__name__}")
+        cid = obj.get("custom_id")
+        if isinstance(cid, str) and cid:
+            custom_id = cid
+        missing = [k for k in REQUIRED_FIELDS if k not in obj]
+        if missing:
+            raise InvalidLine(E_MISSING, "missing field(s): " + ", ".join(missing))
+        if custom_id is None:
+            raise InvalidLine(E_REQUEST, "custom_id must be a non-empty string")
+        if obj["url"] not in URLS:
+            raise InvalidLine(E_URL, f"unknown url {obj['url']!r}; supported: {', '.join(URLS)}")
+        if obj["method"] != "POST":
+            raise InvalidLine(E_METHOD, f"method must be 'POST', got {obj['method']!r}")
+        body = obj["body"]
+        if not isinstance(body, dict):
+            raise InvalidLine(E_REQUEST, "body must be a JSON object")
+        return _parse_body(body, obj["url"], custom_id, line_no)
+    except InvalidLine as e:
+        return line_error(line_no, custom_id, e.code, e.message)
+
+
+def _parse_body(body: dict, url: str, custom_id: str, line_no: int) -> BatchRequest:
+    """Check the endpoint body; raises InvalidLine."""
+    chat = url == CHAT_URL
+    allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    unknown = sorted(k for k in body if k not in allowed and k not in IGNORED_FIELDS)
+    if unknown:
+        raise InvalidLine(E_PARAM, f"unsupported parameter(s) for {url}: {', '.join(unknown)}")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidLine(E_PARAM, "model must be a string")
+    sampling = sampling_kwargs(body, chat)
+    if chat:
+        messages = _parse_messages(body.get("messages", _MISSING))
+        return BatchRequest(line_no, custom_id, url, model, sampling, messages=messages)
+    prompt, ids = _parse_prompt(body.get("prompt", _MISSING))
+    return BatchRequest(line_no, custom_id, url, model, sampling, prompt=prompt, prompt_token_ids=ids)
+
+
+_MISSING = object()
+
+
+def _parse_messages(messages: Any) -> tuple[dict[str, str], ...]:
+    """Chat messages as (role, content-text) dicts; list-of-parts contents are joined text parts."""
+    if messages is _MISSING:
+        raise InvalidLine(E_MISSING, "body.messages is required for /v1/chat/completions")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidLine(E_PARAM, "body.messages must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidLine(E_PARAM, f"body.messages[{i}] must be an object")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise InvalidLine(E_PARAM, f"body.messages[{i}].role must be one of {sorted(CHAT_ROLES)}, got {role!r}")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise InvalidLine(E_PARAM, f"body.messages[{i}].content: only text parts are supported")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise InvalidLine(E_PARAM, f"body.messages[{i}].content must be a string or a list of text parts")
+        out.append({"role": role, "content": content})
+    return tuple(out)
+
+
+def _parse_prompt(prompt: Any) -> tuple[str | None, tuple[int, ...] | None]:
+    """A completions prompt: a string, a list of token ids, or a list holding exactly one of those."""
+    if prompt is _MISSING:
+        raise InvalidLine(E_MISSING, "body.prompt is required for /v1/completions")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+        return None, tuple(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise InvalidLine(E_PARAM, "body.prompt: one prompt per line (a batch of prompts is not supported)")
+    raise InvalidLine(E_PARAM, "body.prompt must be a string or a non-empty list of non-negative token ids")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _num(body: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not _is_num(v) or v > hi or v < lo or (lo_open and v == lo):
+        lo_s = f"({lo}" if lo_open else f"[{lo}"
+        raise InvalidLine(E_PARAM, f"{key} must be a number in {lo_s}, {hi}], got {v!r}")
+    return float(v)
+
+
+def _int(body: dict, key: str, lo: int, hi: int | None = None) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise InvalidLine(E_PARAM, f"{key} must be an integer {rng}, got {v!r}")
+    return v
+
+
+def _neutral(body: dict, key: str, ok: Callable[[Any], bool], what: str) -> None:
+    if key in body and body[key] is not None and not ok(body[key]):
+        raise InvalidLine(E_PARAM, f"{key}: {what}")
+
+
+def sampling_kwargs(body: dict, chat: bool) -> dict[str, Any]:
+    """Map an endpoint body onto SamplingParams keyword arguments (only the fields present). Raises InvalidLine.
+
+    max_tokens is always present in the result (None when absent: see resolve_max_tokens)."""
+    _neutral(body, "stream", lambda v: v is False, "streaming is not supported in batch jobs")
+    _neutral(body, "stream_options", lambda v: False, "not supported in batch jobs")
+    _neutral(body, "logit_bias", lambda v: v == {}, "not supported")
+    _neutral(body, "response_format", lambda v: v == {"type": "text"}, "only {'type': 'text'} is supported")
+    _neutral(body, "echo", lambda v: v is False, "echo is not supported")
+    _neutral(body, "suffix", lambda v: False, "suffix is not supported")
+    kw: dict[str, Any] = {}
+    max_tokens = _int(body, "max_tokens", 1)
+    if chat:
+        mct = _int(body, "max_completion_tokens", 1)
+        if mct is not None and max_tokens is not None and mct != max_tokens:
+            raise InvalidLine(E_PARAM, "max_tokens and max_completion_tokens disagree")
+        max_tokens = mct if mct is not None else max_tokens
+    kw["max_tokens"] = max_tokens
+    for key, lo, hi, lo_open in (("temperature", 0.0, 2.0, False), ("top_p", 0.0, 1.0, True),
+                                 ("presence_penalty", -2.0, 2.0, False), ("frequency_penalty", -2.0, 2.0, False),
+                                 ("min_p", 0.0, 1.0, False), ("repetition_penalty", 0.0, 2.0, True)):
+        v = _num(body, key, lo, hi, lo_open)
+        if v is not None:
+            kw[key] = v
+    n = _int(body, "n", 1, 128)
+    if n is not None:
+        kw["n"] = n
+    best_of = _int(body, "best_of", 1, 128)
+    if best_of is not None and best_of != (n or 1):
+        raise InvalidLine(E_PARAM, "best_of other than n is not supported")
+    seed = body.get("seed")
+    if seed is not None:
+        if not _is_int(seed):
+            raise InvalidLine(E_PARAM, f"seed must be an integer, got {seed!r}")
+        kw["seed"] = seed
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if not _is_int(top_k) or top_k < -1:
+            raise InvalidLine(E_PARAM, f"top_k must be an integer >= -1, got {top_k!r}")
+        kw["top_k"] = max(top_k, 0)
+    min_tokens = _int(body, "min_tokens", 0)
+    if min_tokens is not None:
+        kw["min_tokens"] = min_tokens
+    for key in ("ignore_eos", "skip_special_tokens"):
+        v = body.get(key)
+        if v is not None:
+            if not isinstance(v, bool):
+                raise InvalidLine(E_PARAM, f"{key} must be a boolean, got {v!r}")
+            kw[key] = v
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
+            raise InvalidLine(E_PARAM, "stop must be a non-empty string or a list of at most 4 non-empty strings")
+        if stop:
+            kw["stop"] = list(stop)
+    sti = body.get("stop_token_ids")
+    if sti is not None:
+        if not (isinstance(sti, list) and all(_is_int(t) and t >= 0 for t in sti)):
+            raise InvalidLine(E_PARAM, "stop_token_ids must be a list of non-negative integers")
+        if sti:
+            kw["stop_token_ids"] = list(sti)
+    _logprobs_kwargs(body, chat, kw)
+    return kw
+
+
+def _logprobs_kwargs(body: dict, chat: bool, kw: dict[str, Any]) -> None:
+    """Chat: logprobs bool + top_logprobs int (0..20); completions: logprobs int (0..20). Writes kw["logprobs"]."""
+    lp = body.get("logprobs")
+    if chat:
+        if lp is not None and not isinstance(lp, bool):
+            raise InvalidLine(E_PARAM, f"logprobs must be a boolean for {CHAT_URL}, got {lp!r}")
+        top = _int(body, "top_logprobs", 0, 20)
+        if top is not None and not lp:
+            raise InvalidLine(E_PARAM, "top_logprobs requires logprobs: true")
+        if lp:
+            kw["logprobs"] = top or 0
+    elif lp is not None:
+        if not _is_int(lp) or not 0 <= lp <= 20:
+            raise InvalidLine(E_PARAM, f"logprobs must be an integer in [0, 20] for {COMPLETIONS_URL}, got {lp!r}")
+        kw["logprobs"] = lp
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int | None,
+                       default_cap: int = DEFAULT_MAX_TOKENS_CAP) -> int:
+    """The max_tokens a request runs with. Raises InvalidLine (context_length_exceeded) when it cannot fit."""
+    if max_model_len is None:
+        return requested if requested is not None else default_cap
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise InvalidLine(E_CONTEXT, f"the prompt has {prompt_len} tokens; the model's context is {max_model_len} "
+                                     "tokens, which leaves no room for a completion")
+    if requested is None:
+        return min(default_cap, room)
+    if requested > room:
+        raise InvalidLine(E_CONTEXT, f"the model's context is {max_model_len} tokens; the request needs "
+                                     f"{prompt_len + requested} ({prompt_len} in the prompt, {requested} max_tokens)")
+    return requested
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts -> token ids
+
+
+class PromptEncoder:
+    """Turns requests into prompt token ids with a HF tokenizer (chat template for chat). Changes nothing."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int | None = None):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        # the Rust tokenizer of a fast HF tokenizer: same ids as tokenizer(texts), ~2.5x less overhead per line
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+
+    def encode_many(self, requests: Sequence[BatchRequest]) -> list[list[int] | InvalidLine]:
+        """Token ids per request (batched through the fast tokenizer), or the InvalidLine explaining why not."""
+        out: list[list[int] | InvalidLine | None] = [None] * len(requests)
+        texts: dict[bool, list[tuple[int, str]]] = {True: [], False: []}  # add_special_tokens -> (index, text)
+        for i, r in enumerate(requests):
+            if r.prompt_token_ids is not None:
+                bad = [t for t in r.prompt_token_ids if self.vocab_size is not None and t >= self.vocab_size]
+                out[i] = (InvalidLine(E_PARAM, f"body.prompt: token id {bad[0]} is outside the vocabulary "
+                                               f"(size {self.vocab_size})") if bad else list(r.prompt_token_ids))
+            elif r.is_chat:
+                try:
+                    texts[False].append((i, self.render_chat(r.messages)))
+                except InvalidLine as e:
+                    out[i] = e
+            else:
+                texts[True].append((i, r.prompt))
+        for add_special, items in texts.items():
+            if items:
+                ids = self._encode_batch([t for _, t in items], add_special)
+                for (i, _), row in zip(items, ids):
+                    out[i] = list(row)
+        for i, o in enumerate(out):
+            if isinstance(o, list) and not o:
+                out[i] = InvalidLine(E_PARAM, "the prompt is empty (0 tokens)")
+        return out  # type: ignore[return-value]
+
+    def _encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        if self._backend is not None:
+            return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        """The chat template applied to the messages, with the generation prompt. Raises InvalidLine."""
+        if not self.has_chat_template:
+            raise InvalidLine(E_URL, f"the model's tokenizer has no chat template; use {COMPLETIONS_URL}")
+        try:
+            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # template errors (jinja raise_exception) are per-line problems
+            raise InvalidLine(E_PARAM, f"body.messages: the chat template rejected them ({e})") from None
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token, as OpenAI logprobs show it."""
+        return self.tokenizer.decode([token_id])
+
+
+def read_context_length(config: dict) -> int | None:
+    """The model's context length from a HF config.json dict (None when it does not say)."""
+    for src in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+            v = src.get(key)
+            if _is_int(v) and v > 0:
+                return v
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# output lines
+
+
+def output_id(line_no: int) -> str:
+    """The output line's id; derived from the input line number so reruns can recognise error lines without a
+    custom_id."""
+    return f"batch_req_{line_no}"
+
+
+def line_no_of_output_id(out_id: Any) -> int | None:
+    """Inverse of output_id (None for ids this module did not write)."""
+    if isinstance(out_id, str) and out_id.startswith("batch_req_") and out_id[10:].isdigit():
+        return int(out_id[10:])
+    return None
+
+
+def error_line(err: LineError) -> dict:
+    """The output line of a failed request."""
+    return {"id": output_id(err.line_no), "custom_id": err.custom_id, "response": None,
+            "error": {"code": err.code, "message": err.message}}
+
+
+def response_line(req: BatchRequest, out: Any, model_name: str, created: int,
+                  token_text: Callable[[int], str] | None = None) -> dict:
+    """The output line of a finished request; `out` is a RequestOutput (finish_reason 'stop' or 'length')."""
+    body = chat_body(req, out, model_name, created, token_text) if req.is_chat else \
+        completion_body(req, out, model_name, created, token_text)
+    return {"id": output_id(req.line_no), "custom_id": req.custom_id,
+            "response": {"status_code": 200, "request_id": f"req_{req.line_no}", "body": body}, "error": None}
+
+
+def usage(out: Any) -> dict:
+    """OpenAI usage of a RequestOutput (completion tokens over all n choices)."""
+    p = len(out.prompt_token_ids)
+    c = sum(len(o.token_ids) for o in out.outputs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": int(out.num_cached_tokens or 0)}}
+
+
+def chat_body(req: BatchRequest, out: Any, model_name: str, created: int,
+              token_text: Callable[[int], str] | None = None) -> dict:
+    choices = []
+    for o in sorted(out.outputs, key=lambda c: c.index):
+        k = req.sampling.get("logprobs")
+        lp = _chat_logprobs(o, k, token_text) if k is not None else None
+        choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
+                        "logprobs": lp, "finish_reason": _finish(o.finish_reason)})
+    return {"id": f"chatcmpl-{req.line_no}", "object": "chat.completion", "created": created,
+            "model": req.model or model_name, "choices": choices, "usage": usage(out)}
+
+
+def completion_body(req: BatchRequest, out: Any, model_name: str, created: int,
+                    token_text: Callable[[int], str] | None = None) -> dict:
+    choices = []
+    for o in sorted(out.outputs, key=lambda c: c.index):
+        k = req.sampling.get("logprobs")
+        lp = _completion_logprobs(o, k, token_text) if k is not None else None
+        choices.append({"index": o.index, "text": o.text, "logprobs": lp, "finish_reason": _finish(o.finish_reason)})
+    return {"id": f"cmpl-{req.line_no}", "object": "text_completion", "created": created,
+            "model": req.model or model_name, "choices": choices, "usage": usage(out)}
+
+
+def _finish(reason: Any) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _token_entries(o: Any, k: int, token_text: Callable[[int], str] | None) -> list[tuple[str, float | None, list]]:
+    """(token text, its logprob, [(text, logprob) of the k most likely tokens, best first]) per generated token."""
+    text_of = token_text or str
+    entries = []
+    for i, tid in enumerate(o.token_ids):
+        d = o.logprobs[i] if o.logprobs is not None and i < len(o.logprobs) else {}
+        top = sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        lp = d.get(tid)
+        entries.append((text_of(tid), None if lp is None else float(lp),
+                        [(text_of(t), float(v)) for t, v in top]))
+    return entries
+
+
+def _chat_logprobs(o: Any, k: int, token_text: Callable[[int], str] | None) -> dict:
+    content = []
+    for tok, lp, top in _token_entries(o, k, token_text):
+        content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8")),
+                        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))}
+                                         for t, v in top]})
+    return {"content": content}
+
+
+def _completion_logprobs(o: Any, k: int, token_text: Callable[[int], str] | None) -> dict:
+    entries = _token_entries(o, k, token_text)
+    offsets, pos = [], 0
+    for tok, _, _ in entries:
+        offsets.append(pos)
+        pos += len(tok)
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": [dict(e[2]) for e in entries], "text_offset": offsets}
