@@ -305,7 +305,7 @@ class LLM:
                             "kv_blocks_used": sched.pool.num_used})
         pr.update(step=pr["step"] + 1, computed_prompt_tokens=st["computed_prompt_tokens"],
                   output_tokens=st["output_tokens"], kv_blocks_used=sched.pool.num_used,
-                  num_running=len(sched.running), num_waiting=len(sched.waiting))
+                  num_running=len(sched.running), num_waiting=sched.num_waiting)
 
     def _append_token(self, seq: Seq, tok: int, lp: float | None, top) -> _Request | None:
         """Append a sampled token to a leaf; finish it on a stop condition. Returns its request if that finished."""
@@ -357,7 +357,7 @@ class LLM:
 
     def _fail_stuck(self) -> list[_Request]:
         """No sequence could be scheduled even with nothing running: fail the head of the queue."""
-        head = self.scheduler.waiting[0]
+        head = self.scheduler.head()
         leaves = [head] if not head.is_node else self._leaves_under(head)
         finished = []
         for leaf in leaves:
@@ -368,8 +368,8 @@ class LLM:
             if req.pending == 0:
                 self.progress["requests_done"] += 1
                 finished.append(req)
-        if head.is_node and head in self.scheduler.waiting:
-            self.scheduler.waiting.remove(head)
+        if head.is_node:
+            self.scheduler.remove_queued(head)
         return finished
 
     @staticmethod

@@ -32,7 +32,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "token_ids", "start", "parent", "is_node", "num_prompt_tokens", "num_computed_tokens", "blocks",
         "status", "children", "pending_children", "request_index", "sample_index", "max_tokens", "group",
-        "block_hashes", "num_cached_tokens", "num_preemptions", "admitted_step",
+        "block_hashes", "num_cached_tokens", "num_preemptions", "admitted_step", "reserved", "group_started",
     )
 
     def __init__(self, seq_id: int, token_ids: list[int], start: int, parent: Sequence | None, is_node: bool,
@@ -56,6 +56,8 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens whose KV came from elsewhere (a shared node or the cache)
         self.num_preemptions = 0
         self.admitted_step = -1
+        self.reserved = 0  # memory-centric admission: blocks set aside for this sequence until it is admitted
+        self.group_started = False  # a group root: its group's blocks have been reserved
 
     @property
     def num_tokens(self) -> int:

@@ -80,9 +80,11 @@ class Scheduler:
         self.caching = cfg.policy in ("fcfs-cache", "lpm-cache")
         self.memory_centric = cfg.policy == "batchllm"
         self.max_num_seqs = None if self.memory_centric else max_num_seqs
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()  # group roots not started yet, in group order
+        self.ready: deque[Sequence] = deque()  # queued sequences of started groups: always admitted first
         self.running: list[Sequence] = []
         self.resident: list[Sequence] = []  # computed shared nodes holding KV for their children, oldest first
+        self.pending_need = 0  # blocks reserved for queued sequences of started groups (memory-centric admission)
         self.estimator = DecodeEstimator(cfg.decode_estimate if self.memory_centric else "max_tokens")
         self.step_index = 0
         self.num_preemptions = 0
@@ -92,8 +94,35 @@ class Scheduler:
         """Queue top-level sequences (group roots or standalone leaves) behind those already waiting."""
         self.waiting.extend(roots)
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.ready)
+
+    def head(self) -> Sequence | None:
+        """The sequence admission considers next: started groups' sequences first, then new group roots."""
+        if self.ready:
+            return self.ready[0]
+        if not self.waiting:
+            return None
+        if self.cfg.policy == "lpm-cache" and len(self.waiting) <= 128:
+            # SGLang's longest-prefix-match: the waiting request with the most cached prefix blocks goes first.
+            best = max(self.waiting, key=self._cached_prefix_blocks)
+            self.waiting.remove(best)
+            self.waiting.appendleft(best)
+        return self.waiting[0]
+
+    def _pop_head(self) -> Sequence:
+        return self.ready.popleft() if self.ready else self.waiting.popleft()
+
+    def remove_queued(self, seq: Sequence) -> None:
+        """Take a queued sequence out of whichever queue holds it."""
+        for q in (self.ready, self.waiting):
+            if seq in q:
+                q.remove(seq)
+                return
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.ready or self.running)
 
     # --------------------------------------------------------------- schedule
     def schedule(self) -> StepPlan:
@@ -114,7 +143,7 @@ class Scheduler:
             budget -= n
         if not plan.preempted:
             self._admit(plan, budget)
-        while not plan.seqs and self.waiting and not self.running and self._evict_idle_node(self.waiting[0]):
+        while not plan.seqs and not self.running and self.head() and self._evict_idle_node(self.head()):
             self._admit(plan, self.cfg.max_num_batched_tokens)
         return plan
 
@@ -151,7 +180,8 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._reserve_again(seq)
+        self.ready.appendleft(seq)
 
     def _release(self, blocks: list[int]) -> None:
         # Caching baselines free tail blocks first so a prompt's head blocks stay cached longest (as vLLM does).
@@ -164,14 +194,6 @@ class Scheduler:
             total += max(0, self._blocks_for(s, self.estimator.final_len(s)) - len(s.blocks))
         return total
 
-    def _next_waiting(self) -> Sequence:
-        if self.cfg.policy == "lpm-cache" and len(self.waiting) <= 128:
-            # SGLang's longest-prefix-match: the waiting request with the most cached prefix blocks goes first.
-            best = max(self.waiting, key=self._cached_prefix_blocks)
-            self.waiting.remove(best)
-            self.waiting.appendleft(best)
-        return self.waiting[0]
-
     def _cached_prefix_blocks(self, seq: Sequence) -> int:
         n = 0
         for h in seq.block_hashes:
@@ -181,22 +203,39 @@ class Scheduler:
         return n
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
+        """Admit waiting sequences in queue order while their blocks fit (see the module docstring)."""
         growth = self._expected_growth() if self.memory_centric else 0
-        while self.waiting and budget > 0:
+        while budget > 0 and (self.ready or self.waiting):
             if self.max_num_seqs is not None and len(self.running) >= self.max_num_seqs:
                 return
-            seq = self._next_waiting()
+            seq = self.head()
             hit = self._match_cache(seq) if self.caching else []
             revived = sum(1 for b in hit if self.pool.ref_count[b] == 0)
             computed = seq.start + len(hit) * self.bs
             n = min(seq.num_tokens - computed, budget)
             need_now = self._blocks_for(seq, computed + n) - len(hit)
             need = need_now + revived
-            if self.memory_centric and self.running:
-                need += max(0, self._blocks_for(seq, self.estimator.final_len(seq)) - len(hit) - need_now)
+            starts_group = self.memory_centric and seq.parent is None and not seq.group_started
+            group_need = 0
+            if self.memory_centric:
+                future = max(0, self._blocks_for(seq, self.estimator.final_len(seq)) - len(hit) - need_now)
+                if starts_group:
+                    # A new group must fit beside every group already started, all members included, so that
+                    # started groups finish instead of thrashing; with nothing started it goes ahead regardless.
+                    group_need = self._group_reservation(seq)
+                    if self.running or self.resident or self.pending_need:
+                        need += future + group_need + self.pending_need
+                elif self.running:
+                    need += future
             if need + growth > self.pool.num_free:
                 return
-            self.waiting.popleft()
+            self._pop_head()
+            if starts_group:
+                seq.group_started = True
+                self.pending_need += group_need
+            elif seq.reserved:
+                self.pending_need -= seq.reserved
+                seq.reserved = 0
             self.pool.touch(hit)
             seq.blocks = list(hit)
             seq.num_computed_tokens = computed
@@ -211,6 +250,27 @@ class Scheduler:
             budget -= n
             if self.memory_centric:
                 growth += max(0, self._blocks_for(seq, self.estimator.final_len(seq)) - len(seq.blocks))
+
+    def _group_reservation(self, root: Sequence) -> int:
+        """Reserve, on each sequence below `root`, the blocks it is expected to need; return their sum."""
+        total = 0
+        stack = list(root.children)
+        while stack:
+            s = stack.pop()
+            s.reserved = self._blocks_for(s, self.estimator.final_len(s))
+            total += s.reserved
+            stack.extend(s.children)
+        return total
+
+    def _reserve_again(self, seq: Sequence) -> None:
+        """A sequence of a started group returns to the queue: set its blocks aside again."""
+        if self.memory_centric:
+            seq.reserved = self._blocks_for(seq, self.estimator.final_len(seq))
+            self.pending_need += seq.reserved
+
+    def _unreserve(self, seq: Sequence) -> None:
+        self.pending_need -= seq.reserved
+        seq.reserved = 0
 
     def _match_cache(self, seq: Sequence) -> list[int]:
         """Cached blocks covering a prefix of `seq`'s prompt, leaving at least one token to compute."""
@@ -254,6 +314,7 @@ class Scheduler:
             members.add(id(s))
             stack.extend(s.children)
         self.waiting = deque(s for s in self.waiting if id(s) not in members)
+        self.ready = deque(s for s in self.ready if id(s) not in members)
         stack = [top]
         while stack:
             s = stack.pop()
@@ -265,9 +326,10 @@ class Scheduler:
                 s.num_computed_tokens = s.start
                 s.status = Status.WAITING
                 s.num_preemptions += 1
+                self._reserve_again(s)
                 stack.extend(s.children)
         self.num_preemptions += 1
-        self.waiting.append(top)
+        self.ready.append(top)
 
     # ----------------------------------------------------------------- update
     def commit(self, plan: StepPlan) -> None:
@@ -284,14 +346,15 @@ class Scheduler:
                 self.running.remove(seq)
                 self.resident.append(seq)
                 seq.status = Status.COMPUTED
-                self.waiting.extendleft(reversed([c for c in seq.children if c.status is not Status.FINISHED]))
+                self.ready.extendleft(reversed([c for c in seq.children if c.status is not Status.FINISHED]))
 
     def finish(self, seq: Sequence) -> None:
         """A leaf is done: free its blocks, and those of every node it was the last pending child of."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-        elif seq.status is Status.WAITING and seq in self.waiting:
-            self.waiting.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.remove_queued(seq)
+        self._unreserve(seq)
         self._release(seq.blocks)
         seq.blocks = []
         seq.status = Status.FINISHED
@@ -305,7 +368,8 @@ class Scheduler:
             node.blocks = []
             if node.status is Status.COMPUTED:
                 self.resident.remove(node)
-            elif node.status is Status.WAITING and node in self.waiting:
-                self.waiting.remove(node)
+            elif node.status is Status.WAITING:
+                self.remove_queued(node)
+            self._unreserve(node)
             node.status = Status.FINISHED
             node = node.parent

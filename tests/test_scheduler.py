@@ -92,7 +92,7 @@ def test_preemption_frees_the_newest_and_recomputes_it_later():
     assert b.status is Status.WAITING and b.blocks == [] and b.num_computed_tokens == 0
     assert b.num_tokens == 9  # its sampled token is kept and recomputed
     assert sched.num_preemptions == 1
-    assert list(sched.waiting) == [b]
+    assert list(sched.ready) == [b] and not sched.waiting
     assert list(sched.pool.free_queue) == [2, 3]
     for _ in range(4):
         step(sched)
@@ -114,7 +114,7 @@ def test_group_node_runs_once_then_children_and_is_freed_with_the_last_child():
     sched.add([n])
     assert step(sched) == ([(0, 8)], [])
     assert n.status is Status.COMPUTED and n.blocks == [0, 1]
-    assert list(sched.waiting) == [l1, l2]
+    assert list(sched.ready) == [l1, l2]
     assert step(sched) == ([(1, 2), (2, 3)], [1])
     assert (l1.block_table(), l2.block_table()) == ([0, 1], [0, 1, 3])
     assert n.blocks == [0, 1] and n.pending_children == 1  # l1 done, l2 still needs the prefix
@@ -132,7 +132,7 @@ def test_nested_nodes_release_children_level_by_level():
     b = leaf(3, 6, max_tokens=1, parent=root)
     sched.add([root])
     assert step(sched) == ([(0, 4)], [])
-    assert list(sched.waiting) == [inner, b]
+    assert list(sched.ready) == [inner, b]
     assert step(sched) == ([(1, 4), (3, 2)], [3])
     assert inner.block_table() == [0, 1]
     assert step(sched) == ([(2, 1)], [])
@@ -200,3 +200,25 @@ def test_lpm_prefers_the_longest_cached_prefix():
     sched.add([cold, hot])
     plan, _ = step(sched)
     assert plan == [(2, 1), (1, 8)]
+
+
+def test_a_new_group_waits_until_started_groups_fit_with_all_their_members():
+    sched = make_sched(policy="batchllm", blocks=14, budget=64)
+    groups = []
+    for g in range(2):
+        n = node(10 * g, 8)
+        members = [leaf(10 * g + 1 + i, 12, max_tokens=4, parent=n) for i in range(3)]  # 2 own blocks each at the end
+        groups.append((n, members))
+    sched.add([groups[0][0], groups[1][0]])
+    plan, _ = step(sched)
+    assert plan == [(0, 8)]  # group 1 (2 + 3 x 2 blocks) does not fit beside group 0's 8 reserved blocks
+    assert sched.pending_need == 6
+    plan, _ = step(sched)
+    assert plan == [(1, 4), (2, 4), (3, 4)]
+    assert sched.pending_need == 0
+    while groups[1][0].status is Status.WAITING:
+        step(sched)
+    assert all(m.status is Status.FINISHED for m in groups[0][1])  # group 1 started only once group 0 was done
+    while sched.has_work():
+        step(sched)
+    assert sched.num_preemptions == 0 and sched.pool.num_free == 14
