@@ -47,7 +47,7 @@ void ragged_kernel(const scalar_t* q, const scalar_t* kv, const int64_t* q_ptr, 
   const int64_t v_offset = S * KVH * D;  // V half of the cache
 #pragma omp parallel
   {
-    std::vector<float> qf, acc, m, l, kblk(KEY_BLOCK * D), vblk(KEY_BLOCK * D), sc(KEY_BLOCK);
+    std::vector<float> qf, acc, m, l, kblk(KEY_BLOCK * D), kt(D * KEY_BLOCK), vblk(KEY_BLOCK * D), sc(KEY_BLOCK);
     std::vector<int64_t> qp;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < num_parts * KVH; ++task) {
@@ -84,28 +84,37 @@ void ragged_kernel(const scalar_t* q, const scalar_t* kv, const int64_t* q_ptr, 
           load_row(kv + (slot * KVH + h) * D, kblk.data() + b * D, D);
           load_row(kv + v_offset + (slot * KVH + h) * D, vblk.data() + b * D, D);
         }
+        // K transposed to [D][KEY_BLOCK] (zero past nb), so scores of a row are an outer-product sweep over d,
+        // vectorised across the block's keys without horizontal sums.
+        for (int64_t d = 0; d < D; ++d) {
+          float* dst = kt.data() + d * KEY_BLOCK;
+          for (int64_t b = 0; b < nb; ++b) dst[b] = kblk[b * D + d];
+          for (int64_t b = nb; b < KEY_BLOCK; ++b) dst[b] = 0.f;
+        }
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t lo = window > 0 ? qp[i] - window + 1 : first;  // visible key positions [lo, qp]
           for (int64_t g = 0; g < G; ++g) {
             const int64_t r = i * G + g;
             const float* qr = qf.data() + r * D;
+            float* scp = sc.data();
+            for (int64_t b = 0; b < KEY_BLOCK; ++b) scp[b] = 0.f;
+            for (int64_t d = 0; d < D; ++d) {
+              const float qd = qr[d];
+              const float* ktd = kt.data() + d * KEY_BLOCK;
+#pragma omp simd
+              for (int64_t b = 0; b < KEY_BLOCK; ++b) scp[b] += qd * ktd[b];
+            }
             float bmax = NEG;
             for (int64_t b = 0; b < nb; ++b) {
               const int64_t kp = first + j0 + b;
-              const float* kr = kblk.data() + b * D;
-              float s = 0.f;
-#pragma omp simd reduction(+ : s)
-              for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];
-              s = (kp <= qp[i] && kp >= lo) ? s : NEG;
-              sc[b] = s;
-              bmax = std::max(bmax, s);
+              scp[b] = (kp <= qp[i] && kp >= lo) ? scp[b] : NEG;
+              bmax = std::max(bmax, scp[b]);
             }
             if (bmax <= NEG) continue;  // nothing visible in this block
             float* a = acc.data() + r * D;
             const float mnew = std::max(m[r], bmax);
             const float c = std::exp(m[r] - mnew);
             float sum = 0.f;
-            float* scp = sc.data();
 #pragma omp simd reduction(+ : sum)
             for (int64_t b = 0; b < nb; ++b) {  // masked scores are -1e30: exp underflows to 0
               scp[b] = expf(scp[b] - mnew);
