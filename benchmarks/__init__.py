@@ -1,0 +1,1 @@
+"""Benchmark harness: workloads, peer runners (each peer in its own venv) and the side-by-side table (`run.py`)."""
