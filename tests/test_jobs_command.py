@@ -297,3 +297,23 @@ def test_exit_codes_and_one_line_reasons(model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("batchllm run: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert out.read_text() == ""
+
+
+def test_unseeded_requests_sample_with_a_seed_of_their_custom_id(model_dir):
+    """A resumed job hands the remaining requests to the engine at other positions: their random streams must not
+    depend on the position, or a resumed sampled run would differ from an uninterrupted one."""
+    from transformers import AutoTokenizer
+
+    from batchllm import SamplingParams
+
+    encoder = ob.PromptEncoder(AutoTokenizer.from_pretrained(str(model_dir)))
+    v = command.Validator(encoder, 512, make_params=SamplingParams, job_seed=3)
+    a, b, s = (ob.parse_line(req(cid, temperature=0.7, **kw), n + 1)
+               for n, (cid, kw) in enumerate([("a", {}), ("b", {}), ("s", {"seed": 5})]))
+    first = v.prepare([a, b, s])
+    later = v.prepare([b])
+    assert first[1][1].seed == later[0][1].seed
+    assert first[0][1].seed != first[1][1].seed
+    assert first[2][1].seed == 5
+    other_job = command.Validator(encoder, 512, make_params=SamplingParams, job_seed=4).prepare([b])
+    assert other_job[0][1].seed != later[0][1].seed

@@ -23,6 +23,7 @@ from typing import Any
 from batchllm.jobs import openai_batch as ob
 from batchllm.jobs.report import JobTotals, format_summary, summary, write_report, write_stats_json
 from batchllm.jobs.writer import CorruptOutput, ResultWriter, ResumeIndex, recover
+from batchllm.sampling import derive_seed
 
 POLICIES = ("batchllm", "fcfs-cache", "lpm-cache", "fcfs")
 SCAN_CHUNK = 512  # lines validated (and tokenized) together
@@ -170,6 +171,7 @@ class Validator:
     max_model_len: int | None
     default_max_tokens: int = ob.DEFAULT_MAX_TOKENS_CAP
     make_params: Callable[..., Any] | None = None
+    job_seed: int = 0  # requests without a seed sample with derive_seed(job_seed, custom_id): stable across resumes
 
     def prepare(self, reqs: list[ob.BatchRequest]) -> list[tuple[list[int], Any] | ob.LineError]:
         """(prompt token ids, sampling params) per request, or its LineError. Sampling params are engine
@@ -180,6 +182,8 @@ class Validator:
                 if isinstance(ids, ob.InvalidLine):
                     raise ids
                 kw = dict(req.sampling)
+                if kw.get("seed") is None:  # not the position in a window, which changes when a job resumes
+                    kw["seed"] = derive_seed(self.job_seed, req.custom_id)
                 kw["max_tokens"] = ob.resolve_max_tokens(kw.get("max_tokens"), len(ids), self.max_model_len,
                                                          self.default_max_tokens)
                 params = kw
@@ -344,7 +348,7 @@ def run_job(args: argparse.Namespace, llm_factory: Callable[[argparse.Namespace]
     config = check_paths(args.input, args.output, args.model)
     encoder = load_encoder(args.model, config)
     context = ob.read_context_length(config) or ENGINE_DEFAULT_CONTEXT
-    validator = Validator(encoder, context, args.default_max_tokens, engine_params_factory())
+    validator = Validator(encoder, context, args.default_max_tokens, engine_params_factory(), args.seed or 0)
     try:
         resume = recover(args.output)
     except CorruptOutput as e:
