@@ -187,7 +187,6 @@ class LLM:
             else:
                 requests.append(req)
         self.scheduler = Scheduler(self.config, BlockPool(self.config.kv_cache_blocks), self.max_num_seqs)
-        self._requests = {r.index: r for r in requests}
         self._add_requests(requests)
         peak_blocks = 0
         while self.scheduler.has_work():
@@ -199,7 +198,6 @@ class LLM:
                 yield req.index, self._request_output(req)
         self._stats["elapsed_s"] = time.perf_counter() - start
         self._stats["preemptions"] = self.scheduler.num_preemptions
-        self._requests = {}
 
     def _begin(self, n: int) -> None:
         self._stats = {"num_requests": n, "num_errors": 0, "prompt_tokens": 0, "computed_prompt_tokens": 0,
