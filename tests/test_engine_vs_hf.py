@@ -122,3 +122,16 @@ def test_one_level_plan_matches_too(tiny_llama, workload, llama_reference):
     assert outs == llama_reference
     nested_outs, nested_stats = run(tiny_llama, workload)
     assert nested_stats["computed_prompt_tokens"] <= stats["computed_prompt_tokens"]
+
+
+def test_mistral_sliding_window_matches_hf(tmp_path, tokenizer_dir):
+    """A window shorter than the prompts: shared-prefix parts partly or wholly out of sight still merge exactly."""
+    from batchllm.tiny import build_tiny_checkpoint
+
+    model_dir = build_tiny_checkpoint(tmp_path / "mistral-sw", arch="mistral", sliding_window=8, seed=7,
+                                      tokenizer_dir=tokenizer_dir)
+    prompts = nested_workload(2)
+    ref = hf_greedy(str(model_dir), prompts, MAX_NEW)
+    for policy in ("batchllm", "fcfs"):
+        outs, _ = run(model_dir, prompts, policy=policy, max_num_batched_tokens=16)
+        assert outs == ref
