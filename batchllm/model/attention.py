@@ -54,7 +54,6 @@ class AttnBucket:
     kv_index: torch.Tensor  # int64 [batch * kv_len]: flat cache slot of each padded key (padding -> slot 0)
     visible: torch.Tensor | None  # bool [batch, q_len, kv_len]; None when every key is visible to every query
     sel: torch.Tensor  # int64 [N]: flat (batch * q_len) index of the padded queries that count in the merge
-    sel_rows: torch.Tensor  # int64 [N]: packed row of each of those
 
 
 @dataclass
@@ -158,20 +157,22 @@ class AttentionMetadata:
         small = [p for p in live if len(p.q_rows) <= ragged_max_queries]
         live = [p for p in live if len(p.q_rows) > ragged_max_queries]
         buckets: list[AttnBucket] = []
+        row_lists: list[np.ndarray] = []  # packed row of each partial result, in merge order
         cover = np.zeros(num_tokens, dtype=np.int64)
         for group in _bucket_parts(live, max_keys_per_call):
             bucket, rows = _build_bucket(group, positions, block_size, sliding_window, device)
             buckets.append(bucket)
+            row_lists.append(rows)
             np.add.at(cover, rows, 1)
         ragged = RaggedParts.build(small, positions, block_size, device) if small else None
         if ragged is not None:
+            row_lists.append(ragged.rows_np)
             np.add.at(cover, ragged.rows_np[ragged.sees_keys(small, positions, sliding_window)], 1)
         if num_tokens and (cover == 0).any():  # cover: parts in which a row sees at least one key
             missing = np.nonzero(cover == 0)[0][:8].tolist()
             raise ValueError(f"rows {missing} see no key in any attention part")
-        row_lists = [b.sel_rows for b in buckets] + ([ragged.q_rows.cpu()] if ragged is not None else [])
-        merge_rows = torch.cat(row_lists) if row_lists else torch.zeros(0, dtype=torch.int64)
-        count = np.bincount(merge_rows.numpy(), minlength=num_tokens)  # partial results per row
+        merge_rows = np.concatenate(row_lists) if row_lists else np.zeros(0, dtype=np.int64)
+        count = np.bincount(merge_rows, minlength=num_tokens)  # partial results per row
         single = bool((count == 1).all())
         return cls(
             num_tokens=num_tokens,
@@ -179,9 +180,9 @@ class AttentionMetadata:
             slot_mapping=slot_t,
             write_rows=write_rows,
             buckets=buckets,
-            merge_rows=merge_rows.to(device),
+            merge_rows=torch.from_numpy(merge_rows).to(device),
             single_cover=single,
-            merge_index=None if single else _merge_index(merge_rows.numpy(), count).to(device),
+            merge_index=None if single else _merge_index(merge_rows, count).to(device),
             ragged=ragged,
             window=sliding_window or 0,
         )
@@ -285,7 +286,6 @@ def _build_bucket(
         kv_index=torch.from_numpy(kv_slots.reshape(-1)).to(device),
         visible=None if visible.all() else torch.from_numpy(visible).to(device),
         sel=torch.from_numpy(sel).to(device),
-        sel_rows=torch.from_numpy(sel_rows).to(device),
     )
     return bucket, sel_rows
 
