@@ -17,11 +17,16 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The prompt text of a conversation: the tokenizer's chat template applied to `messages`. Encode it without
+    adding special tokens: the template already carries any bos."""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
-    """Render `messages` through the chat template; return the prompt text and its token ids (the template already
-    carries any bos, so no special tokens are added again)."""
+    """Render `messages` through the chat template; return the prompt text and its token ids."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("a conversation must be a list of {'role': ..., 'content': ...} messages")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = render_chat(tokenizer, messages, add_generation_prompt)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return text, ids

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchllm.tokenizer import render_chat
+
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 URLS = (CHAT_URL, COMPLETIONS_URL)
@@ -379,7 +381,7 @@ class PromptEncoder:
         if not self.has_chat_template:
             raise InvalidLine(E_URL, f"the model's tokenizer has no chat template; use {COMPLETIONS_URL}")
         try:
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            return render_chat(self.tokenizer, list(messages))
         except Exception as e:  # template errors (jinja raise_exception) are per-line problems
             raise InvalidLine(E_PARAM, f"body.messages: the chat template rejected them ({e})") from None
 
