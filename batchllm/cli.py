@@ -25,6 +25,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/run.py
+        return _bench([a for a in argv[1:] if a != "--"])
     parser = argparse.ArgumentParser(prog="batchllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -44,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     add_engine_arguments(p)
 
-    p = sub.add_parser("bench", help="benchmark against peers (wraps benchmarks/run.py from a source checkout)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="benchmark against peers: `batchllm bench --quick` runs `python -m benchmarks.run "
+                                 "--quick` from a source checkout (see benchmarks/README.md)")
 
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -58,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         from batchllm.demo import main as demo_main
 
         return demo_main(args)
-    if args.command == "bench":
-        return _bench(args.bench_args)
     return 2
 
 
@@ -67,11 +68,11 @@ def _bench(bench_args: list[str]) -> int:
     import subprocess
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
-    if not script.exists():
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "run.py").exists():
         print("batchllm bench needs a source checkout (benchmarks/run.py)", file=sys.stderr)
         return 2
-    return subprocess.call([sys.executable, str(script), *bench_args])
+    return subprocess.call([sys.executable, "-m", "benchmarks.run", *bench_args], cwd=root)
 
 
 if __name__ == "__main__":

@@ -21,3 +21,13 @@ def test_analyze_reports_figures(tiny_llama, tmp_path, capsys):
     assert figures["radix_tokens"] <= figures["nested_plan_tokens"] <= figures["one_level_plan_tokens"]
     assert figures["one_level_plan_tokens"] < figures["logical_tokens"]
     assert figures["nested_num_groups"] == 1
+
+
+def test_bench_passes_its_arguments_through():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "batchllm", "bench", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0
+    assert "--workloads" in out.stdout and "--quick" in out.stdout
