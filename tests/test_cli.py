@@ -1,4 +1,4 @@
-"""`batchllm analyze` reports what prefix sharing a prompts file allows, before anything runs."""
+"""The `batchllm` command line: `analyze` reports what prefix sharing a prompts file allows, `bench` passes through."""
 
 import json
 
