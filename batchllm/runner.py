@@ -37,8 +37,8 @@ class ModelRunner:
         self.device = kv.device
         self.eos_token_id = eos_token_id
 
-    def build_batch(self, plan: StepPlan, sample_seqs: list[Sequence]) -> ForwardBatch:
-        """Pack the plan into one ForwardBatch. `sample_seqs` are the plan's sampling sequences, in plan order."""
+    def build_batch(self, plan: StepPlan) -> ForwardBatch:
+        """Pack the plan into one ForwardBatch; logits are wanted for the last row of each sampling leaf."""
         bs = self.kv.block_size
         ids: list[int] = []
         pos_chunks, slot_chunks, parts = [], [], []
@@ -75,7 +75,7 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan, rows: list[SampleRow]) -> SampleResult | None:
         """Run the step's forward pass and sample one token for each of `rows` (the plan's sampling leaves)."""
-        batch = self.build_batch(plan, [r.seq for r in rows])
+        batch = self.build_batch(plan)
         logits = self.model(batch, self.kv.layers)  # [B, V]
         if not rows:
             return None
