@@ -1,10 +1,15 @@
 """`batchllm run`: an OpenAI Batch JSONL file in, an OpenAI Batch output file out, resumable.
 
 Flow: recover OUT (cut a torn last line, index what is done) -> pass 1 over IN with the tokenizer only: every line
-is parsed and validated, bad lines become error lines at once, the byte offsets of runnable lines are kept (8+8 bytes
-per line, never the prompts) -> the model loads -> pass 2 reads the runnable lines back in windows of `--window`
-requests, each window one `llm.generate_stream` call, results appended to OUT as they finish -> summary, stats
-JSON, HTML report. Memory holds one window of prompts, the set of custom_ids, and bounded trace bins.
+is parsed and validated, bad lines become error lines at once, the byte offsets of runnable lines are kept (8+8+1
+bytes per line, never the prompts) -> the model loads -> pass 2 reads the runnable lines back in windows of
+`--window` requests, each window one `llm.generate_stream` call, results appended to OUT as they finish -> summary,
+stats JSON, HTML report. Memory holds one window of prompts, the set of custom_ids, and bounded trace bins.
+
+Resume: windows are cut from all runnable lines, done or not, so a rerun makes the same engine calls as the first
+run. A window with missing results runs again whole (up to `--window` - 1 finished requests are recomputed) and
+only the missing results are written: they are then bit-identical to an uninterrupted run's, whatever the dtype,
+because the engine is deterministic for the same batch.
 """
 
 from __future__ import annotations
@@ -36,13 +41,20 @@ class JobError(Exception):
 
 @dataclass(frozen=True)
 class Pending:
-    """Runnable input lines not yet in OUT: their byte offsets and line numbers (compact arrays)."""
+    """Every runnable input line, in input order: byte offset, line number and whether its result is already in OUT
+    (compact arrays). Windows are cut from this full list, so a rerun forms exactly the engine calls of the first
+    run and its results are bit-identical to an uninterrupted run, in bf16 and with sampling too."""
 
     offsets: array
     line_nos: array
+    done: array
 
     def __len__(self) -> int:
         return len(self.offsets)
+
+    @property
+    def num_todo(self) -> int:
+        return len(self.done) - sum(self.done)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -200,11 +212,11 @@ class Validator:
 
 def scan_input(path: str | Path, validator: Validator, resume: ResumeIndex, writer: ResultWriter,
                totals: JobTotals, chunk: int = SCAN_CHUNK) -> Pending:
-    """Pass 1. Validates every line; writes the error lines not yet in OUT; counts lines into totals; returns the
-    runnable lines not yet done. First occurrence of a custom_id claims it; later lines with it are duplicates
-    (error lines with custom_id null, so OUT never repeats a custom_id)."""
+    """Pass 1. Validates every line; writes the error lines not yet in OUT; counts lines into totals; returns every
+    runnable line, flagged when already done. First occurrence of a custom_id claims it; later lines with it are
+    duplicates (error lines with custom_id null, so OUT never repeats a custom_id)."""
     seen: set[str] = set()
-    pending = Pending(array("q"), array("q"))
+    pending = Pending(array("q"), array("q"), array("b"))
     for block in _chunks(iter_lines(path), chunk):
         parsed: list[tuple[int, ob.BatchRequest | ob.LineError]] = []
         for line_no, off, raw in block:
@@ -215,12 +227,14 @@ def scan_input(path: str | Path, validator: Validator, resume: ResumeIndex, writ
                 item = ob.line_error(line_no, None, ob.E_DUPLICATE, f"custom_id {cid!r} repeats an earlier line")
             elif cid is not None:
                 seen.add(cid)
-            if _already_done(item, resume):
+            done = _already_done(item, resume)
+            if done:
                 totals.skipped_done += 1
-                continue
-            parsed.append((off, item))
-        prepared = iter(validator.prepare([it for _, it in parsed if isinstance(it, ob.BatchRequest)]))
-        for off, item in parsed:
+                if not isinstance(item, ob.BatchRequest):
+                    continue  # a done error line: nothing to run again
+            parsed.append((off, item, done))
+        prepared = iter(validator.prepare([it for _, it, _ in parsed if isinstance(it, ob.BatchRequest)]))
+        for off, item, done in parsed:
             if isinstance(item, ob.BatchRequest):
                 res = next(prepared)  # prepare keeps the order of its input
                 if isinstance(res, ob.LineError):
@@ -228,7 +242,10 @@ def scan_input(path: str | Path, validator: Validator, resume: ResumeIndex, writ
                 else:
                     pending.offsets.append(off)
                     pending.line_nos.append(item.line_no)
+                    pending.done.append(int(done))
                     continue
+            if done:
+                continue
             totals.failed_validation += 1
             writer.write(ob.error_line(item))
     return pending
@@ -289,12 +306,17 @@ class Progress:
 
 def run_windows(llm: Any, path: str | Path, pending: Pending, validator: Validator, writer: ResultWriter,
                 totals: JobTotals, window: int, model_name: str, progress: Progress) -> None:
-    """Pass 2: each window of pending lines is one generate_stream call; every result is written as it arrives
-    (nothing accumulated)."""
+    """Pass 2: each window of runnable lines is one generate_stream call; every result not yet in OUT is written as
+    it arrives (nothing accumulated). A window whose lines are all done is skipped; one with some done lines runs
+    whole, as in the first run, and only its missing results are written."""
     tok_text = validator.encoder.token_text
     t_start = time.monotonic()
-    for start in range(0, len(pending), max(1, window)):
+    window = max(1, window)
+    for start in range(0, len(pending), window):
+        if all(pending.done[start:start + window]):
+            continue
         items = read_pending(path, pending, start, start + window)
+        done = {ln for ln, d in zip(pending.line_nos[start:start + window], pending.done[start:start + window]) if d}
         reqs = [it for it in items if isinstance(it, ob.BatchRequest)]
         prepared = validator.prepare(reqs)
         run_reqs, prompts, params = [], [], []
@@ -312,6 +334,8 @@ def run_windows(llm: Any, path: str | Path, pending: Pending, validator: Validat
         t_call = time.monotonic() - t_start
         for idx, out in llm.generate_stream(prompts, params):
             req = run_reqs[idx]
+            if req.line_no in done:
+                continue
             write_result(writer, req, out, totals, model_name, tok_text)
             progress.advance(totals, getattr(llm, "progress", None), t_start)
         live = getattr(llm, "progress", None) or {}
@@ -373,9 +397,9 @@ def run_job(args: argparse.Namespace, llm_factory: Callable[[argparse.Namespace]
         writer.sync()
         del resume  # the done set is not needed any more
         t_gen = time.monotonic()
-        if len(pending):
+        if pending.num_todo:
             llm = llm_factory(args)
-            progress = Progress(totals.lines_total, totals.lines_total - len(pending), not args.no_progress)
+            progress = Progress(totals.lines_total, totals.lines_total - pending.num_todo, not args.no_progress)
             t_gen = time.monotonic()
             try:
                 run_windows(llm, args.input, pending, validator, writer, totals, args.window,
