@@ -337,3 +337,19 @@ def test_empty_step():
     cache = torch.zeros(2, 4, 16, 2, 8)
     out = paged_attention(torch.zeros(0, 4, 8), torch.zeros(0, 2, 8), torch.zeros(0, 2, 8), cache, meta, 1.0)
     assert out.shape == (0, 4, 8)
+
+
+@pytest.mark.parametrize("math_path", [False, True])
+def test_whole_causal_segments_use_the_kernels_causal_mode(attention_path, monkeypatch, math_path):
+    """First chunks of prompts with no prefix (queries = keys, different lengths, so padded): the fused path runs
+    them in the kernel's causal mode with KV heads repeated, and matches plain attention."""
+    step = Step(11)
+    for n in (20, 25, 31):
+        step.seq(n, n)
+    if math_path:
+        monkeypatch.setattr(attn_mod, "_attend", attn_mod._attend_math)
+    out, ref, meta = run_case(step, 8, 2)
+    if attention_path == "fused":
+        assert [b.causal_square for b in meta.buckets] == [True]
+        assert meta.buckets[0].visible is None
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
