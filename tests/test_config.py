@@ -82,3 +82,16 @@ def test_engine_config_validates():
         EngineConfig(policy="lifo")
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig(block_size=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_kv_cache_is_zeroed_writable_and_of_its_dtype(tiny_llama, dtype):
+    cfg = ModelConfig.from_hf(tiny_llama)
+    kv = KVCache(cfg, 5, 4, dtype, torch.device("cpu"))
+    assert len(kv.layers) == cfg.num_layers
+    for t in kv.layers:
+        assert t.dtype is dtype and t.is_contiguous()
+        assert t.shape == (2, 5, 4, cfg.num_kv_heads, cfg.head_dim)
+        assert torch.count_nonzero(t) == 0
+    kv.layers[0][1, 2, 3] = 1.5
+    assert kv.layers[0][1, 2, 3].float().eq(1.5).all() and torch.count_nonzero(kv.layers[1]) == 0
