@@ -31,7 +31,7 @@ from batchllm.request import Sequence as Seq
 from batchllm.runner import ModelRunner, SampleRow
 from batchllm.sampling import SamplingParams, derive_seed
 from batchllm.scheduler import Scheduler, StepPlan
-from batchllm.tokenizer import encode, encode_chat, load_tokenizer
+from batchllm.tokenizer import encode, encode_batch, encode_chat, load_tokenizer
 
 Prompt = str | dict
 
@@ -176,9 +176,10 @@ class LLM:
         params_list = _expand_params(sampling_params, len(prompts))
         start = self._t0 = time.perf_counter()
         self._begin(len(prompts))
+        encoded = self._encode_texts(prompts)
         requests: list[_Request] = []
         for i, (p, sp) in enumerate(zip(prompts, params_list)):
-            req, error = self._make_request(i, p, sp)
+            req, error = self._make_request(i, p, sp, encoded.get(i))
             if error is not None:
                 self._stats["num_errors"] += 1
                 self.progress["requests_done"] += 1
@@ -208,22 +209,33 @@ class LLM:
                          "computed_prompt_tokens": 0, "output_tokens": 0, "elapsed_s": 0.0, "kv_blocks_used": 0,
                          "kv_blocks_total": self.config.kv_cache_blocks, "num_running": 0, "num_waiting": 0}
 
-    def _make_request(self, i: int, prompt: Prompt, params: SamplingParams) -> tuple[_Request, str | None]:
-        """Tokenize and validate one prompt; return the request and an error message (None when it can run)."""
-        text, ids, error = None, [], None
+    def _encode_texts(self, prompts: list) -> dict[int, list[int]]:
+        """Token ids of every text prompt, encoded in one batch; {} if that fails (each is then encoded alone)."""
+        texts = [(i, _text_of(p)) for i, p in enumerate(prompts) if _text_of(p) is not None]
+        if not texts:
+            return {}
         try:
-            if isinstance(prompt, str):
-                text, ids = prompt, encode(self.tokenizer, prompt)
+            return dict(zip((i for i, _ in texts), encode_batch(self.tokenizer, [t for _, t in texts])))
+        except Exception:
+            return {}
+
+    def _make_request(self, i: int, prompt: Prompt, params: SamplingParams,
+                      ids: list[int] | None = None) -> tuple[_Request, str | None]:
+        """Tokenize (unless `ids` are given) and validate one prompt; return the request and an error message
+        (None when it can run)."""
+        text, error = _text_of(prompt), None
+        try:
+            if text is not None:
+                ids = ids if ids is not None else encode(self.tokenizer, text)
             elif isinstance(prompt, dict) and "error" in prompt:
                 error = str(prompt["error"])
             elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
                 text, ids = prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
-            elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
-                text, ids = prompt["prompt"], encode(self.tokenizer, prompt["prompt"])
             else:
                 error = "a prompt must be a str, {'prompt': str} or {'prompt_token_ids': [int, ...]}"
         except Exception as e:
             error = f"could not tokenize the prompt: {e}"
+        ids = ids if ids is not None else []
         seed = params.seed if params.seed is not None else derive_seed(self.config.seed, i)
         req = _Request(i, text, ids, params, seed)
         if error is None:
@@ -389,6 +401,16 @@ class LLM:
         return RequestOutput(request_id=str(req.index), prompt=req.prompt, prompt_token_ids=req.prompt_ids,
                              outputs=outs, num_cached_tokens=req.leaves[0].num_cached_tokens, finished=True,
                              error=error)
+
+
+def _text_of(prompt) -> str | None:
+    """The text of a prompt given as text (a str, or {'prompt': str} without token ids); None otherwise."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and "error" not in prompt \
+            and isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    return None
 
 
 def _expand_params(sampling_params, n: int) -> list[SamplingParams]:

@@ -17,6 +17,11 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    """`encode` for many prompts in one call (the fast tokenizer batches them in Rust)."""
+    return [list(ids) for ids in tokenizer(texts)["input_ids"]]
+
+
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The prompt text of a conversation: the tokenizer's chat template applied to `messages`. Encode it without
     adding special tokens: the template already carries any bos."""
