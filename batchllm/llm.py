@@ -79,6 +79,17 @@ def default_kv_budget(device: torch.device) -> int:
         return 2 << 30
 
 
+class Stats(dict):
+    """A dict of figures that also reads as attributes: `llm.stats()["computed_prompt_tokens"]` or
+    `llm.stats().computed_prompt_tokens`."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 @dataclass
 class _Request:
     """Per-request bookkeeping while a batch runs."""
@@ -166,8 +177,9 @@ class LLM:
                 prompts.append({"error": f"invalid conversation: {e}"})
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def stats(self) -> dict:
-        return dict(self._stats)
+    def stats(self) -> Stats:
+        """Figures of the last generate/chat call (a dict that also reads as attributes)."""
+        return Stats(self._stats)
 
     # ------------------------------------------------------------ the batch
     def generate_stream(self, prompts: Iterable[Prompt], sampling_params=None) -> Iterator[tuple[int, RequestOutput]]:

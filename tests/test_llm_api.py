@@ -155,5 +155,8 @@ def test_stats_account_exactly(llm):
     assert s["plan"]["plan_tokens"] == 40 + 5 * 3
     assert s["preemptions"] == 0 and s["num_errors"] == 0
     assert len(s["trace"]) > 0
+    assert s.computed_prompt_tokens == s["computed_prompt_tokens"] and s.prompt_tokens == 5 * 43  # attribute reads
+    with pytest.raises(AttributeError):
+        getattr(s, "no_such_figure")  # noqa: B009
     outs = llm.generate(prompts, greedy(n=3, ignore_eos=True), use_tqdm=False)
     assert [o.num_cached_tokens for o in outs] == [40] * 5
