@@ -64,7 +64,7 @@ class ModelRunner:
             parts.append(AttnPart(np.concatenate(rows), node.blocks, node.start, node.num_tokens - node.start))
         positions = np.concatenate(pos_chunks)
         meta = AttentionMetadata.build(parts, positions, np.concatenate(slot_chunks), bs, self.device,
-                                       sliding_window=self.model.cfg.sliding_window)
+                                       sliding_window=self.model.cfg.sliding_window, dtype=self.model.dtype)
         dev = self.device
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),  # [T]

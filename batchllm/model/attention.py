@@ -24,8 +24,9 @@ from batchllm.model.cpu_kernels import load_ragged_attention
 # Default cap on the padded key slots (bucket batch x keys) gathered by one attention call; bigger buckets are split.
 # It bounds the temporary K/V copy (e.g. 2^17 slots x 4 KV heads x 64 x bf16 x 2 = 128 MiB).
 DEFAULT_MAX_KEYS_PER_CALL = 1 << 17
-# Parts with at most this many query rows (decodes, short chunks) go to the ragged CPU kernel when it is available:
-# it reads their keys straight from the paged cache, where the fused kernel pays a fixed cost per (part, head).
+# fp32: parts with at most this many query rows (decodes, short chunks) go to the ragged CPU kernel when it is
+# available: it reads their keys straight from the paged cache, where the fused kernel pays a fixed cost per
+# (part, head). bf16: every part goes to the kernel, whose AVX512-BF16 path runs large parts as matrix products.
 RAGGED_MAX_QUERIES = 8
 
 
@@ -140,11 +141,13 @@ class AttentionMetadata:
         sliding_window: int | None = None,
         max_keys_per_call: int = DEFAULT_MAX_KEYS_PER_CALL,
         ragged_max_queries: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> AttentionMetadata:
         """Bucket ``parts`` by shape and pre-compute indices and visibility masks for ``paged_attention``.
 
         positions: int64 [T] absolute position of each packed row; slot_mapping: [T] cache slot of each row's K/V
-        (negative: not written). Raises ValueError if a row has no visible key in any part.
+        (negative: not written); dtype: the model's dtype (bf16 sends every part to the CPU kernel).
+        Raises ValueError if a row has no visible key in any part.
         """
         positions = np.asarray(positions, dtype=np.int64)
         slots = np.asarray(slot_mapping, dtype=np.int64)
@@ -158,6 +161,8 @@ class AttentionMetadata:
         live = [p for p in parts if len(p.q_rows) > 0 and p.kv_len > 0]
         if ragged_max_queries is None:
             ragged_max_queries = RAGGED_MAX_QUERIES if device.type == "cpu" and load_ragged_attention() else 0
+            if dtype == torch.bfloat16 and ragged_max_queries > 0:
+                ragged_max_queries = num_tokens
         small = [p for p in live if len(p.q_rows) <= ragged_max_queries]
         live = [p for p in live if len(p.q_rows) > ragged_max_queries]
         buckets: list[AttnBucket] = []

@@ -1,10 +1,11 @@
-// Ragged paged attention for CPU: many small attention parts read straight from the paged KV cache.
+// Ragged paged attention for CPU: attention parts read straight from the paged KV cache.
 //
 // A part is a set of query rows against one KV segment (consecutive positions kv_start .. kv_start + len - 1 whose
-// K/V live at the given flat cache slots). The engine uses this kernel for parts with few query rows (decode steps,
-// short chunks), where a generic fused kernel pays a fixed cost per (part, head) far above the cost of reading the
-// keys. Work is split over (part, kv head) with OpenMP; each task streams the part's keys once and keeps an online
-// softmax per query row (flash-attention style), so K/V are never gathered or padded.
+// K/V live at the given flat cache slots). Each task streams its part's keys and keeps an online softmax per query
+// row (flash-attention style), so K/V are never gathered or padded. Two implementations:
+//  - bf16 with head_dim % 32 == 0 on a CPU with AVX512-BF16 (namespace bf16k): every part, from single decodes to a
+//    shared prefix attended by thousands of queries, as vdpbf16ps matrix products with fp32 accumulation;
+//  - otherwise a portable fp32 loop (SmallParts), which the engine uses in fp32 for parts of few query rows.
 //
 //   q        [T, H, D]            bf16 or fp32 queries of this step
 //   kv       [2, S, KVH, D]       the layer's cache, flat over slots (same dtype as q)
@@ -18,8 +19,15 @@
 // Visibility: key position kp is seen by a query at qp iff kp <= qp and (window == 0 or kp > qp - window).
 
 #include <torch/extension.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -38,115 +46,557 @@ inline void load_row(const at::BFloat16* src, float* dst, int64_t n) {
   for (int64_t d = 0; d < n; ++d) out[d] = static_cast<uint32_t>(raw[d]) << 16;  // bf16 -> fp32 is a shift
 }
 
+// Per-thread work space of the scalar kernel; run(p, h) computes part p for KV head h (all its query rows).
+template <typename scalar_t>
+struct SmallParts {
+  const scalar_t *q, *kv;
+  const int64_t *q_ptr, *q_rows, *kv_ptr, *kv_slots, *kv_start, *q_pos;
+  int64_t H, KVH, D, S, window;
+  float scale;
+  float *out, *lse;
+  std::vector<float> qf, acc, m, l, kblk, kt, vblk, sc;
+  std::vector<int64_t> qp;
+
+  void run(int64_t p, int64_t h) {
+    const int64_t G = H / KVH;
+    const int64_t v_offset = S * KVH * D;  // V half of the cache
+    kblk.resize(KEY_BLOCK * D);
+    kt.resize(D * KEY_BLOCK);
+    vblk.resize(KEY_BLOCK * D);
+    sc.resize(KEY_BLOCK);
+    const int64_t q0 = q_ptr[p], nq = q_ptr[p + 1] - q0;
+    const int64_t k0 = kv_ptr[p], nk = kv_ptr[p + 1] - k0;
+    const int64_t R = nq * G;  // rows: (query, head in group)
+    if (R == 0) return;
+    qf.resize(R * D);
+    acc.assign(R * D, 0.f);
+    m.assign(R, NEG);
+    l.assign(R, 0.f);
+    qp.resize(nq);
+    int64_t max_qp = 0, min_qp = 0;
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t row = q_rows[q0 + i];
+      qp[i] = q_pos[row];
+      max_qp = i == 0 ? qp[i] : std::max(max_qp, qp[i]);
+      min_qp = i == 0 ? qp[i] : std::min(min_qp, qp[i]);
+      for (int64_t g = 0; g < G; ++g) {
+        float* dst = qf.data() + (i * G + g) * D;
+        load_row(q + (row * H + h * G + g) * D, dst, D);
+        for (int64_t d = 0; d < D; ++d) dst[d] *= scale;
+      }
+    }
+    const int64_t first = kv_start[p];
+    int64_t j_begin = 0;
+    if (window > 0) j_begin = std::max<int64_t>(0, min_qp - window + 1 - first);
+    const int64_t j_end = std::min<int64_t>(nk, max_qp - first + 1);  // keys past every query are invisible
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += KEY_BLOCK) {
+      const int64_t nb = std::min<int64_t>(KEY_BLOCK, j_end - j0);
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t slot = kv_slots[k0 + j0 + b];
+        load_row(kv + (slot * KVH + h) * D, kblk.data() + b * D, D);
+        load_row(kv + v_offset + (slot * KVH + h) * D, vblk.data() + b * D, D);
+      }
+      // K transposed to [D][KEY_BLOCK] (zero past nb), so scores of a row are an outer-product sweep over d,
+      // vectorised across the block's keys without horizontal sums.
+      for (int64_t d = 0; d < D; ++d) {
+        float* dst = kt.data() + d * KEY_BLOCK;
+        for (int64_t b = 0; b < nb; ++b) dst[b] = kblk[b * D + d];
+        for (int64_t b = nb; b < KEY_BLOCK; ++b) dst[b] = 0.f;
+      }
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t lo = window > 0 ? qp[i] - window + 1 : first;  // visible key positions [lo, qp]
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = i * G + g;
+          const float* qr = qf.data() + r * D;
+          float* scp = sc.data();
+          for (int64_t b = 0; b < KEY_BLOCK; ++b) scp[b] = 0.f;
+          for (int64_t d = 0; d < D; ++d) {
+            const float qd = qr[d];
+            const float* ktd = kt.data() + d * KEY_BLOCK;
+#pragma omp simd
+            for (int64_t b = 0; b < KEY_BLOCK; ++b) scp[b] += qd * ktd[b];
+          }
+          float bmax = NEG;
+          for (int64_t b = 0; b < nb; ++b) {
+            const int64_t kp = first + j0 + b;
+            scp[b] = (kp <= qp[i] && kp >= lo) ? scp[b] : NEG;
+            bmax = std::max(bmax, scp[b]);
+          }
+          if (bmax <= NEG) continue;  // nothing visible in this block
+          float* a = acc.data() + r * D;
+          const float mnew = std::max(m[r], bmax);
+          const float c = std::exp(m[r] - mnew);
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t b = 0; b < nb; ++b) {  // masked scores are -1e30: exp underflows to 0
+            scp[b] = expf(scp[b] - mnew);
+            sum += scp[b];
+          }
+          l[r] = l[r] * c + sum;
+          m[r] = mnew;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) a[d] *= c;
+          for (int64_t b = 0; b < nb; ++b) {
+            const float e = sc[b];
+            const float* vr = vblk.data() + b * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) a[d] += e * vr[d];
+          }
+        }
+      }
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = i * G + g, head = h * G + g;
+        float* o = out + ((q0 + i) * H + head) * D;
+        const float* a = acc.data() + r * D;
+        const bool seen = l[r] > 0.f;
+        const float inv = seen ? 1.f / l[r] : 0.f;
+        for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
+        lse[(q0 + i) * H + head] = seen ? m[r] + std::log(l[r]) : NEG;
+      }
+    }
+  }
+};
+
 template <typename scalar_t>
 void ragged_kernel(const scalar_t* q, const scalar_t* kv, const int64_t* q_ptr, const int64_t* q_rows,
                    const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos,
                    int64_t num_parts, int64_t H, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
                    float* out, float* lse) {
-  const int64_t G = H / KVH;
-  const int64_t v_offset = S * KVH * D;  // V half of the cache
 #pragma omp parallel
   {
-    std::vector<float> qf, acc, m, l, kblk(KEY_BLOCK * D), kt(D * KEY_BLOCK), vblk(KEY_BLOCK * D), sc(KEY_BLOCK);
-    std::vector<int64_t> qp;
+    SmallParts<scalar_t> work{q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, KVH, D, S, window, scale,
+                              out, lse};
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < num_parts * KVH; ++task) {
-      const int64_t p = task / KVH, h = task % KVH;
-      const int64_t q0 = q_ptr[p], nq = q_ptr[p + 1] - q0;
-      const int64_t k0 = kv_ptr[p], nk = kv_ptr[p + 1] - k0;
-      const int64_t R = nq * G;  // rows: (query, head in group)
-      if (R == 0) continue;
-      qf.resize(R * D);
-      acc.assign(R * D, 0.f);
-      m.assign(R, NEG);
-      l.assign(R, 0.f);
-      qp.resize(nq);
-      int64_t max_qp = 0, min_qp = 0;
-      for (int64_t i = 0; i < nq; ++i) {
-        const int64_t row = q_rows[q0 + i];
-        qp[i] = q_pos[row];
-        max_qp = i == 0 ? qp[i] : std::max(max_qp, qp[i]);
-        min_qp = i == 0 ? qp[i] : std::min(min_qp, qp[i]);
-        for (int64_t g = 0; g < G; ++g) {
-          float* dst = qf.data() + (i * G + g) * D;
-          load_row(q + (row * H + h * G + g) * D, dst, D);
-          for (int64_t d = 0; d < D; ++d) dst[d] *= scale;
+    for (int64_t task = 0; task < num_parts * KVH; ++task) work.run(task / KVH, task % KVH);
+  }
+}
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// bf16 kernel (AVX512-BF16): any number of queries per part, head_dim a multiple of 32.
+//
+// A task is (part, kv head, a slice of at most TASK_ROWS rows); a row is one (query, head of the GQA group).
+// Scores are computed transposed, 16 rows in the 16 fp32 lanes of a register, so the keys are read straight from the
+// cache rows (one 32-bit broadcast per pair of dims) and the online softmax is lane-wise (no horizontal reductions):
+//
+//   Qp    [tiles][D/2][16]    query pairs (q[2p], q[2p+1]) of 16 rows: one register per pair index p
+//   St    [KB][rows]          fp32 scores of one key block (KB keys), -1e30 where a key is not visible
+//   Pp    [KB/2][rows]        probabilities as bf16 pairs (p[2j], p[2j+1]) of each row
+//   Vp    [KB/2][D]           values as bf16 pairs (v[2j][d], v[2j+1][d])
+//   acc   [rows][D]           fp32 output accumulators, rescaled by exp(m_old - m_new) per block
+//
+// vdpbf16ps sums the two products of a pair into one fp32 lane: QK^T reduces over dim pairs, PV over key pairs.
+#if defined(__AVX512BF16__)
+#define BATCHLLM_HAS_BF16_KERNEL 1
+
+namespace bf16k {
+
+constexpr int64_t KB = 32;          // keys per block
+constexpr int64_t TASK_ROWS = 256;  // rows per task (bounds the per-thread buffers to L2)
+
+inline __m512 dp(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+
+inline __m512i bcast_pair(const at::BFloat16* row, int64_t p) {
+  return _mm512_set1_epi32(reinterpret_cast<const int32_t*>(row)[p]);
+}
+
+// exp(x) for x <= 0 (fp32 lanes): 2^n * 2^f with a degree-6 polynomial for 2^f, f in [-0.5, 0.5]; rel. error ~1e-7.
+inline __m512 exp512(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Tasks of at most this many rows run in the scalar kernel (env BATCHLLM_SMALL_ROWS overrides, for measuring).
+inline int64_t small_rows_limit() {
+  static const int64_t limit = [] {
+    const char* env = std::getenv("BATCHLLM_SMALL_ROWS");
+    return std::min<int64_t>(env ? std::atoll(env) : int64_t{4}, 8);
+  }();
+  return limit;
+}
+
+struct Task {
+  int64_t part, head, row0, nrows;
+};
+
+struct Buffers {
+  std::vector<int32_t> qp, pp, vp, qpos, lo;
+  std::vector<float> st, acc, m, l, c;
+  std::vector<uint8_t> active;
+  Buffers(int64_t D) {
+    const int64_t R = TASK_ROWS;
+    qp.resize(R * D / 2);
+    pp.resize(KB / 2 * R + 16 * 8);
+    vp.resize(KB / 2 * D);
+    qpos.resize(R);
+    lo.resize(R);
+    st.resize(KB * R);
+    acc.resize(R * D);
+    m.resize(R);
+    l.resize(R);
+    c.resize(R);
+    active.resize(R / 16);
+  }
+};
+
+// Interleave two rows of 32 bf16 into pairs: lo = (a0,b0,a1,b1,...,a15,b15), hi = (a16,b16,...,a31,b31).
+inline void interleave(__m512i a, __m512i b, __m512i& lo, __m512i& hi) {
+  alignas(64) static const int16_t idx_lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const int16_t idx_hi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  lo = _mm512_permutex2var_epi16(a, _mm512_load_si512(idx_lo), b);
+  hi = _mm512_permutex2var_epi16(a, _mm512_load_si512(idx_hi), b);
+}
+
+void run_task(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_ptr,
+              const int64_t* q_rows, const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start,
+              const int64_t* q_pos, int64_t H, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
+              const at::BFloat16* zero_row, float* out, float* lse) {
+  const int64_t G = H / KVH, P2 = D / 2, h = t.head;
+  const int64_t q0 = q_ptr[t.part], k0 = kv_ptr[t.part], nk = kv_ptr[t.part + 1] - k0;
+  const int64_t first = kv_start[t.part];
+  const int64_t R = t.nrows, tiles = (R + 15) / 16, RP = tiles * 16;
+  const int64_t v_offset = S * KVH * D;
+  constexpr int32_t NOPOS = std::numeric_limits<int32_t>::min() / 2;
+
+  // Queries as pairs, transposed into lanes; positions and the lowest visible key position of every row.
+  int64_t max_qp = -1, min_lo = std::numeric_limits<int64_t>::max();
+  for (int64_t r = 0; r < RP; ++r) {
+    const int64_t lane = r % 16, tile = r / 16;
+    int32_t* dst = B.qp.data() + tile * P2 * 16 + lane;
+    if (r < R) {
+      const int64_t i = (t.row0 + r) / G, g = (t.row0 + r) % G;
+      const int64_t row = q_rows[q0 + i];
+      const int32_t* src = reinterpret_cast<const int32_t*>(q + (row * H + h * G + g) * D);
+      for (int64_t p = 0; p < P2; ++p) dst[p * 16] = src[p];
+      const int64_t pos = q_pos[row];
+      const int64_t lo = window > 0 ? pos - window + 1 : 0;
+      B.qpos[r] = static_cast<int32_t>(pos);
+      B.lo[r] = static_cast<int32_t>(lo);
+      max_qp = std::max(max_qp, pos);
+      min_lo = std::min(min_lo, lo);
+    } else {
+      for (int64_t p = 0; p < P2; ++p) dst[p * 16] = 0;
+      B.qpos[r] = NOPOS;
+      B.lo[r] = 0;
+    }
+    B.m[r] = NEG;
+    B.l[r] = 0.f;
+  }
+  std::fill(B.acc.begin(), B.acc.begin() + RP * D, 0.f);
+
+  const int64_t j_begin = std::max<int64_t>(0, min_lo - first) / KB * KB;
+  const int64_t j_end = std::min<int64_t>(nk, max_qp - first + 1);
+  const at::BFloat16* krow[KB];
+  const at::BFloat16* vrow[KB];
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += KB) {
+    const int64_t nb = std::min<int64_t>(KB, j_end - j0);
+    for (int64_t b = 0; b < KB; ++b) {
+      if (b < nb) {
+        const int64_t slot = kv_slots[k0 + j0 + b];
+        krow[b] = kv + (slot * KVH + h) * D;
+        vrow[b] = kv + v_offset + (slot * KVH + h) * D;
+      } else {
+        krow[b] = vrow[b] = zero_row;
+      }
+    }
+    // V as key pairs.
+    const int64_t npairs = (nb + 1) / 2;
+    for (int64_t j = 0; j < npairs; ++j) {
+      for (int64_t d = 0; d < D; d += 32) {
+        __m512i lo, hi;
+        interleave(_mm512_loadu_si512(vrow[2 * j] + d), _mm512_loadu_si512(vrow[2 * j + 1] + d), lo, hi);
+        _mm512_storeu_si512(B.vp.data() + j * D + d, lo);
+        _mm512_storeu_si512(B.vp.data() + j * D + d + 16, hi);
+      }
+    }
+    const int32_t kpos0 = static_cast<int32_t>(first + j0);
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      // A tile sees this block iff some row's [lo, qpos] meets [kpos0, kpos0 + nb - 1].
+      int32_t tmax = NOPOS, tlo = std::numeric_limits<int32_t>::max();
+      for (int64_t r = tile * 16; r < std::min<int64_t>(R, tile * 16 + 16); ++r) {
+        tmax = std::max(tmax, B.qpos[r]);
+        tlo = std::min(tlo, B.lo[r]);
+      }
+      const bool active = tmax >= kpos0 && tlo <= kpos0 + nb - 1;
+      B.active[tile] = active;
+      if (!active) continue;
+      const __m512i qpos = _mm512_loadu_si512(B.qpos.data() + tile * 16);
+      const __m512i lov = _mm512_loadu_si512(B.lo.data() + tile * 16);
+      const int32_t* qt = B.qp.data() + tile * P2 * 16;
+      float* st = B.st.data();
+      for (int64_t b0 = 0; b0 < KB; b0 += 16) {
+        if (b0 >= nb || kpos0 + b0 > tmax) {  // every key of this half is past every row (or padding)
+          for (int64_t b = b0; b < b0 + 16; ++b) _mm512_storeu_ps(st + b * RP + tile * 16, _mm512_set1_ps(NEG));
+          continue;
+        }
+        __m512 s[16];
+        for (int k = 0; k < 16; ++k) s[k] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < P2; ++p) {
+          const __m512i qv = _mm512_loadu_si512(qt + p * 16);
+          for (int k = 0; k < 16; ++k) s[k] = dp(s[k], qv, bcast_pair(krow[b0 + k], p));
+        }
+        for (int k = 0; k < 16; ++k) {
+          const int32_t kp = kpos0 + static_cast<int32_t>(b0) + k;
+          const __m512i kpv = _mm512_set1_epi32(kp);
+          __mmask16 vis = _mm512_cmp_epi32_mask(kpv, qpos, _MM_CMPINT_LE) & _mm512_cmp_epi32_mask(lov, kpv, _MM_CMPINT_LE);
+          if (b0 + k >= nb) vis = 0;
+          _mm512_storeu_ps(st + (b0 + k) * RP + tile * 16,
+                           _mm512_mask_blend_ps(vis, _mm512_set1_ps(NEG), _mm512_mul_ps(s[k], _mm512_set1_ps(scale))));
         }
       }
-      const int64_t first = kv_start[p];
-      int64_t j_begin = 0;
-      if (window > 0) j_begin = std::max<int64_t>(0, min_qp - window + 1 - first);
-      const int64_t j_end = std::min<int64_t>(nk, max_qp - first + 1);  // keys past every query are invisible
-      for (int64_t j0 = j_begin; j0 < j_end; j0 += KEY_BLOCK) {
-        const int64_t nb = std::min<int64_t>(KEY_BLOCK, j_end - j0);
-        for (int64_t b = 0; b < nb; ++b) {
-          const int64_t slot = kv_slots[k0 + j0 + b];
-          load_row(kv + (slot * KVH + h) * D, kblk.data() + b * D, D);
-          load_row(kv + v_offset + (slot * KVH + h) * D, vblk.data() + b * D, D);
-        }
-        // K transposed to [D][KEY_BLOCK] (zero past nb), so scores of a row are an outer-product sweep over d,
-        // vectorised across the block's keys without horizontal sums.
-        for (int64_t d = 0; d < D; ++d) {
-          float* dst = kt.data() + d * KEY_BLOCK;
-          for (int64_t b = 0; b < nb; ++b) dst[b] = kblk[b * D + d];
-          for (int64_t b = nb; b < KEY_BLOCK; ++b) dst[b] = 0.f;
-        }
-        for (int64_t i = 0; i < nq; ++i) {
-          const int64_t lo = window > 0 ? qp[i] - window + 1 : first;  // visible key positions [lo, qp]
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t r = i * G + g;
-            const float* qr = qf.data() + r * D;
-            float* scp = sc.data();
-            for (int64_t b = 0; b < KEY_BLOCK; ++b) scp[b] = 0.f;
-            for (int64_t d = 0; d < D; ++d) {
-              const float qd = qr[d];
-              const float* ktd = kt.data() + d * KEY_BLOCK;
-#pragma omp simd
-              for (int64_t b = 0; b < KEY_BLOCK; ++b) scp[b] += qd * ktd[b];
-            }
-            float bmax = NEG;
-            for (int64_t b = 0; b < nb; ++b) {
-              const int64_t kp = first + j0 + b;
-              scp[b] = (kp <= qp[i] && kp >= lo) ? scp[b] : NEG;
-              bmax = std::max(bmax, scp[b]);
-            }
-            if (bmax <= NEG) continue;  // nothing visible in this block
-            float* a = acc.data() + r * D;
-            const float mnew = std::max(m[r], bmax);
-            const float c = std::exp(m[r] - mnew);
-            float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t b = 0; b < nb; ++b) {  // masked scores are -1e30: exp underflows to 0
-              scp[b] = expf(scp[b] - mnew);
-              sum += scp[b];
-            }
-            l[r] = l[r] * c + sum;
-            m[r] = mnew;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] *= c;
-            for (int64_t b = 0; b < nb; ++b) {
-              const float e = sc[b];
-              const float* vr = vblk.data() + b * D;
-#pragma omp simd
-              for (int64_t d = 0; d < D; ++d) a[d] += e * vr[d];
+      // Online softmax, lane-wise over the block's keys.
+      __m512 mx = _mm512_set1_ps(NEG);
+      for (int64_t b = 0; b < nb; ++b) mx = _mm512_max_ps(mx, _mm512_loadu_ps(st + b * RP + tile * 16));
+      const __m512 m_old = _mm512_loadu_ps(B.m.data() + tile * 16);
+      const __m512 m_new = _mm512_max_ps(m_old, mx);
+      const __m512 corr = exp512(_mm512_sub_ps(m_old, m_new));
+      __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(B.l.data() + tile * 16), corr);
+      const __m512 half_neg = _mm512_set1_ps(NEG * 0.5f);
+      alignas(64) static const int16_t pair_idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+      const __m512i pidx = _mm512_load_si512(pair_idx);
+      for (int64_t j = 0; j < npairs; ++j) {
+        const __m512 s0 = _mm512_loadu_ps(st + (2 * j) * RP + tile * 16);
+        const __m512 s1 = _mm512_loadu_ps(st + (2 * j + 1) * RP + tile * 16);
+        const __m512 p0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s0, half_neg, _CMP_GT_OQ), exp512(_mm512_sub_ps(s0, m_new)));
+        const __m512 p1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s1, half_neg, _CMP_GT_OQ), exp512(_mm512_sub_ps(s1, m_new)));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // [p0 of 16 rows | p1 of 16 rows]
+        _mm512_storeu_si512(B.pp.data() + j * RP + tile * 16, _mm512_permutexvar_epi16(pidx, both));
+      }
+      _mm512_storeu_ps(B.m.data() + tile * 16, m_new);
+      _mm512_storeu_ps(B.l.data() + tile * 16, sum);
+      _mm512_storeu_ps(B.c.data() + tile * 16, corr);
+    }
+    // acc = acc * corr + P V, 8 rows x 32 dims of accumulators in registers.
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      if (!B.active[tile]) continue;
+      for (int64_t r0 = tile * 16; r0 < tile * 16 + 16 && r0 < R; r0 += 8) {
+        for (int64_t d = 0; d < D; d += 32) {
+          __m512 a[8][2];
+          for (int rr = 0; rr < 8; ++rr) {
+            const __m512 cr = _mm512_set1_ps(B.c[r0 + rr]);
+            float* arow = B.acc.data() + (r0 + rr) * D + d;
+            a[rr][0] = _mm512_mul_ps(_mm512_loadu_ps(arow), cr);
+            a[rr][1] = _mm512_mul_ps(_mm512_loadu_ps(arow + 16), cr);
+          }
+          for (int64_t j = 0; j < npairs; ++j) {
+            const __m512i v0 = _mm512_loadu_si512(B.vp.data() + j * D + d);
+            const __m512i v1 = _mm512_loadu_si512(B.vp.data() + j * D + d + 16);
+            const int32_t* pj = B.pp.data() + j * RP + r0;
+            for (int rr = 0; rr < 8; ++rr) {
+              const __m512i pr = _mm512_set1_epi32(pj[rr]);
+              a[rr][0] = dp(a[rr][0], v0, pr);
+              a[rr][1] = dp(a[rr][1], v1, pr);
             }
           }
-        }
-      }
-      for (int64_t i = 0; i < nq; ++i) {
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t r = i * G + g, head = h * G + g;
-          float* o = out + ((q0 + i) * H + head) * D;
-          const float* a = acc.data() + r * D;
-          const bool seen = l[r] > 0.f;
-          const float inv = seen ? 1.f / l[r] : 0.f;
-          for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
-          lse[(q0 + i) * H + head] = seen ? m[r] + std::log(l[r]) : NEG;
+          for (int rr = 0; rr < 8; ++rr) {
+            float* arow = B.acc.data() + (r0 + rr) * D + d;
+            _mm512_storeu_ps(arow, a[rr][0]);
+            _mm512_storeu_ps(arow + 16, a[rr][1]);
+          }
         }
       }
     }
   }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t i = (t.row0 + r) / G, g = (t.row0 + r) % G, head = h * G + g;
+    float* o = out + ((q0 + i) * H + head) * D;
+    const float* a = B.acc.data() + r * D;
+    const bool seen = B.l[r] > 0.f;
+    const float inv = seen ? 1.f / B.l[r] : 0.f;
+    for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
+    lse[(q0 + i) * H + head] = seen ? B.m[r] + std::log(B.l[r]) : NEG;
+  }
 }
+
+// Few rows (decodes): keys in the lanes instead. 16 keys are transposed into Kt [D/2][16] (pairs of dims), so a
+// row's 16 scores are D/2 vdpbf16ps with the row's query pair broadcast; the softmax max and sum are reductions over
+// the 16 lanes. P V is as in run_task, with the probabilities of a row as 8 key pairs.
+constexpr int64_t SMALL_KB = 16;
+
+// In-register transpose of 16 x 16 dwords: four rounds, each swapping the off-diagonal sub-blocks of size k.
+inline void transpose16(__m512i v[16]) {
+  alignas(64) static const int32_t idx[4][2][16] = {
+      {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+      {{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}, {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}},
+      {{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}, {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}},
+      {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}, {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}}};
+  int round = 0;
+  for (int k = 8; k >= 1; k /= 2, ++round) {
+    const __m512i lo = _mm512_load_si512(idx[round][0]), hi = _mm512_load_si512(idx[round][1]);
+    for (int i = 0; i < 16; ++i) {
+      if (i & k) continue;
+      const __m512i a = v[i], b = v[i + k];
+      v[i] = _mm512_permutex2var_epi32(a, lo, b);
+      v[i + k] = _mm512_permutex2var_epi32(a, hi, b);
+    }
+  }
+}
+
+template <int NR>
+void run_small(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_ptr,
+               const int64_t* q_rows, const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start,
+               const int64_t* q_pos, int64_t H, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
+               const at::BFloat16* zero_row, float* out, float* lse) {
+  const int64_t G = H / KVH, P2 = D / 2, h = t.head;
+  const int64_t q0 = q_ptr[t.part], k0 = kv_ptr[t.part], nk = kv_ptr[t.part + 1] - k0;
+  const int64_t first = kv_start[t.part];
+  const int64_t v_offset = S * KVH * D;
+  const int32_t* qrow[NR];
+  int64_t qpos[NR], lo[NR];
+  float m[NR], l[NR], corr[NR];
+  int64_t max_qp = -1, min_lo = std::numeric_limits<int64_t>::max();
+  for (int r = 0; r < NR; ++r) {
+    const int64_t i = (t.row0 + r) / G, g = (t.row0 + r) % G;
+    const int64_t row = q_rows[q0 + i];
+    qrow[r] = reinterpret_cast<const int32_t*>(q + (row * H + h * G + g) * D);
+    qpos[r] = q_pos[row];
+    lo[r] = window > 0 ? qpos[r] - window + 1 : 0;
+    max_qp = std::max(max_qp, qpos[r]);
+    min_lo = std::min(min_lo, lo[r]);
+    m[r] = NEG;
+    l[r] = 0.f;
+  }
+  float* acc = B.acc.data();  // [NR][D]
+  std::fill(acc, acc + NR * D, 0.f);
+  int32_t* kt = B.qp.data();  // [D/2][16] transposed key pairs
+  int32_t* vp = B.vp.data();  // [8][D] value pairs
+  const int64_t j_begin = std::max<int64_t>(0, min_lo - first) / SMALL_KB * SMALL_KB;
+  const int64_t j_end = std::min<int64_t>(nk, max_qp - first + 1);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const at::BFloat16* vrow[SMALL_KB];
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += SMALL_KB) {
+    const int64_t nb = std::min<int64_t>(SMALL_KB, j_end - j0);
+    const at::BFloat16* krow[SMALL_KB];
+    for (int64_t b = 0; b < SMALL_KB; ++b) {
+      if (b < nb) {
+        const int64_t slot = kv_slots[k0 + j0 + b];
+        krow[b] = kv + (slot * KVH + h) * D;
+        vrow[b] = kv + v_offset + (slot * KVH + h) * D;
+      } else {
+        krow[b] = vrow[b] = zero_row;
+      }
+    }
+    for (int64_t c = 0; c < P2; c += 16) {  // 16 dim pairs (32 dims) of the 16 keys at a time
+      __m512i v[16];
+      for (int b = 0; b < 16; ++b) v[b] = _mm512_loadu_si512(reinterpret_cast<const int32_t*>(krow[b]) + c);
+      transpose16(v);
+      for (int w = 0; w < 16; ++w) _mm512_storeu_si512(kt + (c + w) * 16, v[w]);
+    }
+    __m512 s[NR];
+    for (int r = 0; r < NR; ++r) s[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P2; ++p) {
+      const __m512i kv_p = _mm512_loadu_si512(kt + p * 16);
+      for (int r = 0; r < NR; ++r) s[r] = dp(s[r], kv_p, _mm512_set1_epi32(qrow[r][p]));
+    }
+    const __m512i kpos = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first + j0)), iota);
+    const __mmask16 valid = static_cast<__mmask16>((1u << nb) - 1u);
+    bool any = false;
+    for (int r = 0; r < NR; ++r) {
+      const __mmask16 vis = valid & _mm512_cmp_epi32_mask(kpos, _mm512_set1_epi32(static_cast<int32_t>(qpos[r])), _MM_CMPINT_LE) &
+                            _mm512_cmp_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(lo[r])), kpos, _MM_CMPINT_LE);
+      if (!vis) {  // nothing visible to this row here: no change
+        corr[r] = 1.f;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(B.pp.data() + r * 8), _mm256_setzero_si256());
+        continue;
+      }
+      any = true;
+      const __m512 sc = _mm512_mask_blend_ps(vis, _mm512_set1_ps(NEG), _mm512_mul_ps(s[r], _mm512_set1_ps(scale)));
+      const float m_new = std::max(m[r], _mm512_reduce_max_ps(sc));
+      const __m512 pr = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
+      corr[r] = std::exp(m[r] - m_new);
+      l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(pr);
+      m[r] = m_new;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(B.pp.data() + r * 8), (__m256i)_mm512_cvtneps_pbh(pr));
+    }
+    if (!any) continue;
+    const int64_t npairs = (nb + 1) / 2;
+    for (int64_t j = 0; j < npairs; ++j) {
+      for (int64_t d = 0; d < D; d += 32) {
+        __m512i vlo, vhi;
+        interleave(_mm512_loadu_si512(vrow[2 * j] + d), _mm512_loadu_si512(vrow[2 * j + 1] + d), vlo, vhi);
+        _mm512_storeu_si512(vp + j * D + d, vlo);
+        _mm512_storeu_si512(vp + j * D + d + 16, vhi);
+      }
+    }
+    for (int64_t d = 0; d < D; d += 16) {
+      __m512 a[NR];
+      for (int r = 0; r < NR; ++r) a[r] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + d), _mm512_set1_ps(corr[r]));
+      for (int64_t j = 0; j < npairs; ++j) {
+        const __m512i vj = _mm512_loadu_si512(vp + j * D + d);
+        for (int r = 0; r < NR; ++r) a[r] = dp(a[r], vj, _mm512_set1_epi32(B.pp[r * 8 + j]));
+      }
+      for (int r = 0; r < NR; ++r) _mm512_storeu_ps(acc + r * D + d, a[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const int64_t i = (t.row0 + r) / G, g = (t.row0 + r) % G, head = h * G + g;
+    float* o = out + ((q0 + i) * H + head) * D;
+    const bool seen = l[r] > 0.f;
+    const float inv = seen ? 1.f / l[r] : 0.f;
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
+    lse[(q0 + i) * H + head] = seen ? m[r] + std::log(l[r]) : NEG;
+  }
+}
+
+using SmallFn = void (*)(const Task&, Buffers&, const at::BFloat16*, const at::BFloat16*, const int64_t*,
+                         const int64_t*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, int64_t,
+                         int64_t, int64_t, int64_t, int64_t, float, const at::BFloat16*, float*, float*);
+constexpr int64_t SMALL_MAX_ROWS = 8;
+constexpr SmallFn SMALL_FNS[SMALL_MAX_ROWS + 1] = {nullptr, run_small<1>, run_small<2>, run_small<3>, run_small<4>,
+                                                  run_small<5>, run_small<6>, run_small<7>, run_small<8>};
+
+void attention(const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_ptr, const int64_t* q_rows,
+               const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos,
+               int64_t num_parts, int64_t H, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
+               float* out, float* lse) {
+  const int64_t G = H / KVH;
+  std::vector<Task> tasks;
+  for (int64_t p = 0; p < num_parts; ++p) {
+    const int64_t R = (q_ptr[p + 1] - q_ptr[p]) * G;
+    for (int64_t h = 0; h < KVH; ++h)
+      for (int64_t r0 = 0; r0 < R; r0 += TASK_ROWS) tasks.push_back({p, h, r0, std::min(TASK_ROWS, R - r0)});
+  }
+  // Longest tasks (rows x keys) first, so dynamic scheduling ends balanced.
+  std::sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) {
+    return a.nrows * (kv_ptr[a.part + 1] - kv_ptr[a.part]) > b.nrows * (kv_ptr[b.part + 1] - kv_ptr[b.part]);
+  });
+  std::vector<at::BFloat16> zero_row(D, at::BFloat16(0.f));
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  const int64_t small_rows = small_rows_limit();
+#pragma omp parallel
+  {
+    Buffers B(D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_tasks; ++i) {
+      const Task& t = tasks[i];
+      if (t.nrows <= small_rows) {  // a few rows: padding them to 16 lanes would waste the work
+        SMALL_FNS[t.nrows](t, B, q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, KVH, D, S, window, scale,
+                           zero_row.data(), out, lse);
+      } else {
+        run_task(t, B, q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, KVH, D, S, window, scale,
+                 zero_row.data(), out, lse);
+      }
+    }
+  }
+}
+
+}  // namespace bf16k
+#endif
 
 }  // namespace
 
@@ -163,6 +613,14 @@ std::vector<torch::Tensor> ragged_attention(torch::Tensor q, torch::Tensor kv, t
   auto lse = torch::empty({NQ, H}, q.options().dtype(torch::kFloat32));
   const int64_t* ptrs[6] = {q_ptr.data_ptr<int64_t>(), q_rows.data_ptr<int64_t>(), kv_ptr.data_ptr<int64_t>(),
                             kv_slots.data_ptr<int64_t>(), kv_start.data_ptr<int64_t>(), q_pos.data_ptr<int64_t>()};
+#ifdef BATCHLLM_HAS_BF16_KERNEL
+  if (q.scalar_type() == at::ScalarType::BFloat16 && D % 32 == 0) {
+    bf16k::attention(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), ptrs[0], ptrs[1], ptrs[2], ptrs[3],
+                     ptrs[4], ptrs[5], P, H, KVH, D, S, window, static_cast<float>(scale), out.data_ptr<float>(),
+                     lse.data_ptr<float>());
+    return {out, lse};
+  }
+#endif
   if (q.scalar_type() == at::ScalarType::BFloat16) {
     ragged_kernel<at::BFloat16>(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), ptrs[0], ptrs[1], ptrs[2],
                                 ptrs[3], ptrs[4], ptrs[5], P, H, KVH, D, S, window, static_cast<float>(scale),
