@@ -419,3 +419,21 @@ def test_whole_causal_segments_use_the_kernels_causal_mode(attention_path, monke
         assert [b.causal_square for b in meta.buckets] == [True]
         assert meta.buckets[0].visible is None
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_query_rows(dtype):
+    """q as the model passes it: a view of the fused qkv projection, rows further apart than H x D."""
+    step = group_step(14, 53)
+    step.seq(30, 30)
+    parts, positions, slots, _ = step.pack()
+    t, heads, kv_heads, d = len(positions), 8, 2, 32
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=gen).to(dtype)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k, v = q.view(t, heads, d), k.view(t, kv_heads, d), v.view(t, kv_heads, d)
+    cache = torch.randn(2, step.num_blocks, step.block_size, kv_heads, d, generator=gen).to(dtype)
+    meta = AttentionMetadata.build(parts, positions, slots, step.block_size, CPU, dtype=dtype)
+    out = paged_attention(q, k, v, cache.clone(), meta, d**-0.5)
+    expect = paged_attention(q.contiguous(), k.contiguous(), v.contiguous(), cache.clone(), meta, d**-0.5)
+    assert torch.equal(out, expect)

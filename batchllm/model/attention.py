@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from batchllm.model.cpu_kernels import load_ragged_attention
+from batchllm.model.cpu_kernels import load_cpu_kernels, load_ragged_attention
 
 # Default cap on the padded key slots (bucket batch x keys) gathered by one attention call; bigger buckets are split.
 # It bounds the temporary K/V copy (e.g. 2^17 slots x 4 KV heads x 64 x bf16 x 2 = 128 MiB).
@@ -120,6 +120,7 @@ class AttentionMetadata:
     num_tokens: int
     block_size: int
     slot_mapping: torch.Tensor  # int64 [W]: cache slots of this step's tokens to write
+    slots_all: torch.Tensor  # int64 [T]: cache slot of every row (negative: not written)
     write_rows: torch.Tensor | None  # int64 [W]: rows written (None: all rows, in order)
     buckets: list[AttnBucket]
     merge_rows: torch.Tensor  # int64 [N]: packed row of each merged partial result (buckets concatenated)
@@ -187,6 +188,7 @@ class AttentionMetadata:
             num_tokens=num_tokens,
             block_size=block_size,
             slot_mapping=slot_t,
+            slots_all=torch.from_numpy(np.ascontiguousarray(slots)).to(device),
             write_rows=write_rows,
             buckets=buckets,
             merge_rows=torch.from_numpy(merge_rows).to(device),
@@ -315,19 +317,22 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: Att
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    kv_written: bool = False,
 ) -> torch.Tensor:
     """Attention of the packed step over its KV segments.
 
     q: [T, H, D]; k, v: [T, KVH, D] of this step's tokens; kv_cache: [2, num_blocks, block_size, KVH, D] of this
-    layer, written in place at ``meta``'s slot mapping before it is read. Returns [T, H, D] in q's dtype.
+    layer, written in place at ``meta``'s slot mapping before it is read (unless ``kv_written``: the caller already
+    did). Returns [T, H, D] in q's dtype.
     """
     num_tokens, n_heads, d = q.shape
     n_kv = kv_cache.shape[-2]
     if n_heads % n_kv:
         raise ValueError(f"{n_heads} query heads is not a multiple of {n_kv} KV heads")
     group = n_heads // n_kv
-    write_kv(k, v, kv_cache, meta)
+    if not kv_written:
+        write_kv(k, v, kv_cache, meta)
     flat = kv_cache.view(2, -1, n_kv, d)  # [2, S, KVH, D]
 
     outs: list[torch.Tensor] = []
@@ -355,8 +360,11 @@ def paged_attention(
     if meta.ragged is not None:
         r = meta.ragged
         kernel = load_ragged_attention()
-        out, lse = kernel(q.contiguous(), kv_cache.view(2, -1, n_kv, d), r.q_ptr, r.q_rows, r.kv_ptr, r.kv_slots,
+        qk = q if q.stride(2) == 1 and q.stride(1) == d else q.contiguous()  # rows may be strided (views of qkv)
+        out, lse = kernel(qk, kv_cache.view(2, -1, n_kv, d), r.q_ptr, r.q_rows, r.kv_ptr, r.kv_slots,
                           r.kv_start, r.q_pos, meta.window, scale)  # [NQ, H, D] fp32, [NQ, H] fp32
+        if not outs and not meta.single_cover and q.dtype == torch.bfloat16:  # the kernel's rows alone: fused merge
+            return load_cpu_kernels().merge(out, lse, meta.merge_index)  # [T, H, D] bf16
         outs.append(out.to(q.dtype))
         lses.append(lse)
     return _merge(outs, lses, meta, q)

@@ -1,5 +1,7 @@
 """The project's own CPU kernels (C++ with OpenMP), compiled on first use with torch's extension builder and cached
-per machine. `ragged_attention()` returns None where no compiler is available; callers then use a torch path."""
+per machine: paged attention over ragged parts (`csrc/ragged_attention.cpp`) and the fused bf16 element-wise ops of a
+decoder layer (`csrc/fused_ops.cpp`). The loaders return None where no compiler is available; callers then use a
+torch path."""
 
 from __future__ import annotations
 
@@ -9,12 +11,13 @@ import sys
 import warnings
 from pathlib import Path
 
-_SRC = Path(__file__).parent / "csrc" / "ragged_attention.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "bindings.cpp", _CSRC / "ragged_attention.cpp", _CSRC / "fused_ops.cpp"]
 
 
 @functools.cache
-def load_ragged_attention():
-    """The compiled `ragged_attention` function, or None (with one warning) when it cannot be built.
+def load_cpu_kernels():
+    """The compiled extension module, or None (with one warning) when it cannot be built.
     Set BATCHLLM_NO_CPP=1 to force the torch-only path."""
     if os.environ.get("BATCHLLM_NO_CPP") == "1":
         return None
@@ -24,11 +27,24 @@ def load_ragged_attention():
         cache = Path(os.environ.get("BATCHLLM_CACHE", Path.home() / ".cache" / "batchllm")) / "torch_extensions"
         cache.mkdir(parents=True, exist_ok=True)
         flags = ["-O3", "-fopenmp", "-march=native", "-ffast-math"]
-        module = load(name="batchllm_ragged_attention", sources=[str(_SRC)], extra_cflags=flags,
-                      extra_ldflags=["-fopenmp"], build_directory=str(cache), verbose=False)
-        return module.ragged_attention
+        return load(name="batchllm_cpu_kernels", sources=[str(s) for s in _SOURCES], extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"], build_directory=str(cache), verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: fall back, loudly once
-        print(f"batchllm: the CPU attention kernel could not be built ({e}); using the slower torch path",
-              file=sys.stderr)
-        warnings.warn(f"batchllm CPU kernel unavailable: {e}", stacklevel=2)
+        print(f"batchllm: the CPU kernels could not be built ({e}); using the slower torch path", file=sys.stderr)
+        warnings.warn(f"batchllm CPU kernels unavailable: {e}", stacklevel=2)
         return None
+
+
+def load_ragged_attention():
+    """The compiled `ragged_attention` function, or None when the kernels cannot be built."""
+    module = load_cpu_kernels()
+    return None if module is None else module.ragged_attention
+
+
+def load_fused_ops(dtype, device):
+    """The compiled module when its fused element-wise ops apply (bf16 on CPU), else None."""
+    import torch
+
+    if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
+        return None
+    return load_cpu_kernels()

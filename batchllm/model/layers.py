@@ -11,12 +11,25 @@ import torch.nn.functional as F
 from batchllm.config import RopeConfig
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF LlamaRMSNorm: normalise in fp32, cast back to the input dtype, then scale by the weight."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels=None) -> torch.Tensor:
+    """HF LlamaRMSNorm: normalise in fp32, cast back to the input dtype, then scale by the weight.
+    ``kernels``: the fused bf16 CPU ops (`cpu_kernels.load_fused_ops`), or None for the torch ops."""
+    if kernels is not None:
+        return kernels.rms_norm(x, weight, eps)
     dtype = x.dtype
     h = x.float()  # [T, hidden]
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 kernels=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm: returns (x + delta, rms_norm(x + delta)); with ``kernels``, x is updated
+    in place and both happen in one pass."""
+    if kernels is not None:
+        return x, kernels.add_rms_norm(x, delta, weight, eps)
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -63,8 +76,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias=None, down_bias=None):
+def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias=None, down_bias=None,
+              kernels=None):
     """SiLU(gate) * up, then down; gate and up are one fused weight [2 * I, hidden]."""
     gu = F.linear(x, gate_up, gate_up_bias)  # [T, 2I]
+    if kernels is not None:
+        return F.linear(kernels.silu_mul(gu), down, down_bias)  # [T, hidden]
     gate, up = gu.chunk(2, dim=-1)  # [T, I] each
     return F.linear(F.silu(gate) * up, down, down_bias)  # [T, hidden]

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from batchllm.config import ModelConfig
 from batchllm.model.attention import AttentionMetadata, paged_attention
-from batchllm.model.layers import RotaryTable, apply_rotary, gated_mlp, rms_norm
+from batchllm.model.cpu_kernels import load_fused_ops
+from batchllm.model.layers import RotaryTable, add_rms_norm, apply_rotary, gated_mlp, rms_norm
 
 
 @dataclass
@@ -63,27 +64,38 @@ class LlamaModel(torch.nn.Module):
             torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
         self.rotary = RotaryTable(cfg.rope, cfg.head_dim, cfg.max_model_len, dtype, device)
         self.scale = cfg.head_dim ** -0.5
+        # bf16 on CPU: fused C++ element-wise ops (norms, residual adds, rotary + cache write, SiLU * up).
+        self.kernels = load_fused_ops(dtype, device)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """Run the step, writing this step's K/V into `kv_caches` (one [2, blocks, block_size, KVH, D] per layer),
         and return fp32 logits [B, V] of `batch.logits_rows`."""
-        cfg = self.cfg
+        cfg, kern, eps = self.cfg, self.kernels, self.cfg.rms_norm_eps
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
-        cos, sin = self.rotary.lookup(batch.positions)  # [T, 1, D] each
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)  # [T, hidden]
+        if kern is None:
+            cos, sin = self.rotary.lookup(batch.positions)  # [T, 1, D] each
+        h = rms_norm(x, self.layers[0].input_norm, eps, kern)  # [T, hidden]
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [T, (H + 2 KVH) D]
             q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
             q = q.view(-1, nh, d)  # [T, H, D]
             k = k.view(-1, nkv, d)  # [T, KVH, D]
             v = v.view(-1, nkv, d)  # [T, KVH, D]
-            q, k = apply_rotary(q, k, cos, sin)
-            o = paged_attention(q, k, v, kv_cache, batch.attn, self.scale)  # [T, H, D]
-            x = x + F.linear(o.reshape(-1, nh * d), layer.o_proj, layer.o_bias)  # [T, hidden]
-            h = rms_norm(x, layer.post_attn_norm, cfg.rms_norm_eps)
-            x = x + gated_mlp(h, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias)
-        h = rms_norm(x[batch.logits_rows], self.norm, cfg.rms_norm_eps)  # [B, hidden]
+            if kern is None:
+                q, k = apply_rotary(q, k, cos, sin)
+            else:  # rotates q, k in place and writes this step's K/V into the cache
+                kern.rope_write_kv(q, k, v, self.rotary.cos, self.rotary.sin, batch.positions,
+                                   kv_cache.view(2, -1, nkv, d), batch.attn.slots_all)
+            o = paged_attention(q, k, v, kv_cache, batch.attn, self.scale, kv_written=kern is not None)  # [T, H, D]
+            o = F.linear(o.reshape(-1, nh * d), layer.o_proj, layer.o_bias)  # [T, hidden]
+            x, h = add_rms_norm(x, o, layer.post_attn_norm, eps, kern)
+            mlp = gated_mlp(h, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias, kern)  # [T, hidden]
+            if i + 1 < len(self.layers):
+                x, h = add_rms_norm(x, mlp, self.layers[i + 1].input_norm, eps, kern)
+            else:
+                x = x + mlp
+        h = rms_norm(x[batch.logits_rows], self.norm, eps)  # [B, hidden]
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(h, head).float()  # [B, V]

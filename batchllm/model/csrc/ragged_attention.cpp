@@ -18,7 +18,7 @@
 // Returns out [NQ, H, D] fp32 and lse [NQ, H] fp32 (natural log; -1e30 where a row sees no key of the part).
 // Visibility: key position kp is seen by a query at qp iff kp <= qp and (window == 0 or kp > qp - window).
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -51,7 +51,7 @@ template <typename scalar_t>
 struct SmallParts {
   const scalar_t *q, *kv;
   const int64_t *q_ptr, *q_rows, *kv_ptr, *kv_slots, *kv_start, *q_pos;
-  int64_t H, KVH, D, S, window;
+  int64_t H, QS, KVH, D, S, window;
   float scale;
   float *out, *lse;
   std::vector<float> qf, acc, m, l, kblk, kt, vblk, sc;
@@ -81,7 +81,7 @@ struct SmallParts {
       min_qp = i == 0 ? qp[i] : std::min(min_qp, qp[i]);
       for (int64_t g = 0; g < G; ++g) {
         float* dst = qf.data() + (i * G + g) * D;
-        load_row(q + (row * H + h * G + g) * D, dst, D);
+        load_row(q + row * QS + (h * G + g) * D, dst, D);
         for (int64_t d = 0; d < D; ++d) dst[d] *= scale;
       }
     }
@@ -162,11 +162,11 @@ struct SmallParts {
 template <typename scalar_t>
 void ragged_kernel(const scalar_t* q, const scalar_t* kv, const int64_t* q_ptr, const int64_t* q_rows,
                    const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos,
-                   int64_t num_parts, int64_t H, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
+                   int64_t num_parts, int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
                    float* out, float* lse) {
 #pragma omp parallel
   {
-    SmallParts<scalar_t> work{q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, KVH, D, S, window, scale,
+    SmallParts<scalar_t> work{q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale,
                               out, lse};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < num_parts * KVH; ++task) work.run(task / KVH, task % KVH);
@@ -262,7 +262,7 @@ inline void interleave(__m512i a, __m512i b, __m512i& lo, __m512i& hi) {
 
 void run_task(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_ptr,
               const int64_t* q_rows, const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start,
-              const int64_t* q_pos, int64_t H, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
+              const int64_t* q_pos, int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
               const at::BFloat16* zero_row, float* out, float* lse) {
   const int64_t G = H / KVH, P2 = D / 2, h = t.head;
   const int64_t q0 = q_ptr[t.part], k0 = kv_ptr[t.part], nk = kv_ptr[t.part + 1] - k0;
@@ -279,7 +279,7 @@ void run_task(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloat
     if (r < R) {
       const int64_t i = (t.row0 + r) / G, g = (t.row0 + r) % G;
       const int64_t row = q_rows[q0 + i];
-      const int32_t* src = reinterpret_cast<const int32_t*>(q + (row * H + h * G + g) * D);
+      const int32_t* src = reinterpret_cast<const int32_t*>(q + row * QS + (h * G + g) * D);
       for (int64_t p = 0; p < P2; ++p) dst[p * 16] = src[p];
       const int64_t pos = q_pos[row];
       const int64_t lo = window > 0 ? pos - window + 1 : 0;
@@ -450,7 +450,7 @@ inline void transpose16(__m512i v[16]) {
 template <int NR>
 void run_small(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_ptr,
                const int64_t* q_rows, const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start,
-               const int64_t* q_pos, int64_t H, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
+               const int64_t* q_pos, int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
                const at::BFloat16* zero_row, float* out, float* lse) {
   const int64_t G = H / KVH, P2 = D / 2, h = t.head;
   const int64_t q0 = q_ptr[t.part], k0 = kv_ptr[t.part], nk = kv_ptr[t.part + 1] - k0;
@@ -463,7 +463,7 @@ void run_small(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloa
   for (int r = 0; r < NR; ++r) {
     const int64_t i = (t.row0 + r) / G, g = (t.row0 + r) % G;
     const int64_t row = q_rows[q0 + i];
-    qrow[r] = reinterpret_cast<const int32_t*>(q + (row * H + h * G + g) * D);
+    qrow[r] = reinterpret_cast<const int32_t*>(q + row * QS + (h * G + g) * D);
     qpos[r] = q_pos[row];
     lo[r] = window > 0 ? qpos[r] - window + 1 : 0;
     max_qp = std::max(max_qp, qpos[r]);
@@ -555,14 +555,14 @@ void run_small(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloa
 
 using SmallFn = void (*)(const Task&, Buffers&, const at::BFloat16*, const at::BFloat16*, const int64_t*,
                          const int64_t*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, int64_t,
-                         int64_t, int64_t, int64_t, int64_t, float, const at::BFloat16*, float*, float*);
+                         int64_t, int64_t, int64_t, int64_t, int64_t, float, const at::BFloat16*, float*, float*);
 constexpr int64_t SMALL_MAX_ROWS = 8;
 constexpr SmallFn SMALL_FNS[SMALL_MAX_ROWS + 1] = {nullptr, run_small<1>, run_small<2>, run_small<3>, run_small<4>,
                                                   run_small<5>, run_small<6>, run_small<7>, run_small<8>};
 
 void attention(const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_ptr, const int64_t* q_rows,
                const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos,
-               int64_t num_parts, int64_t H, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
+               int64_t num_parts, int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
                float* out, float* lse) {
   const int64_t G = H / KVH;
   std::vector<Task> tasks;
@@ -585,10 +585,10 @@ void attention(const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_p
     for (int64_t i = 0; i < n_tasks; ++i) {
       const Task& t = tasks[i];
       if (t.nrows <= small_rows) {  // a few rows: padding them to 16 lanes would waste the work
-        SMALL_FNS[t.nrows](t, B, q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, KVH, D, S, window, scale,
+        SMALL_FNS[t.nrows](t, B, q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale,
                            zero_row.data(), out, lse);
       } else {
-        run_task(t, B, q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, KVH, D, S, window, scale,
+        run_task(t, B, q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale,
                  zero_row.data(), out, lse);
       }
     }
@@ -600,40 +600,36 @@ void attention(const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_p
 
 }  // namespace
 
-std::vector<torch::Tensor> ragged_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor q_ptr,
-                                            torch::Tensor q_rows, torch::Tensor kv_ptr, torch::Tensor kv_slots,
-                                            torch::Tensor kv_start, torch::Tensor q_pos, int64_t window,
-                                            double scale) {
-  TORCH_CHECK(q.is_contiguous() && kv.is_contiguous(), "q and kv must be contiguous");
+std::vector<at::Tensor> ragged_attention(at::Tensor q, at::Tensor kv, at::Tensor q_ptr, at::Tensor q_rows,
+                                         at::Tensor kv_ptr, at::Tensor kv_slots, at::Tensor kv_start,
+                                         at::Tensor q_pos, int64_t window, double scale) {
+  TORCH_CHECK(kv.is_contiguous(), "kv must be contiguous");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q rows must hold H x D contiguous values");
   TORCH_CHECK(q.scalar_type() == kv.scalar_type(), "q and kv must share a dtype");
-  const int64_t H = q.size(1), D = q.size(2), KVH = kv.size(2), S = kv.size(1);
+  const int64_t H = q.size(1), D = q.size(2), KVH = kv.size(2), S = kv.size(1), QS = q.stride(0);
   TORCH_CHECK(H % KVH == 0, "query heads must be a multiple of kv heads");
   const int64_t P = kv_start.size(0), NQ = q_rows.size(0);
-  auto out = torch::empty({NQ, H, D}, q.options().dtype(torch::kFloat32));
-  auto lse = torch::empty({NQ, H}, q.options().dtype(torch::kFloat32));
+  auto out = at::empty({NQ, H, D}, q.options().dtype(at::kFloat));
+  auto lse = at::empty({NQ, H}, q.options().dtype(at::kFloat));
   const int64_t* ptrs[6] = {q_ptr.data_ptr<int64_t>(), q_rows.data_ptr<int64_t>(), kv_ptr.data_ptr<int64_t>(),
                             kv_slots.data_ptr<int64_t>(), kv_start.data_ptr<int64_t>(), q_pos.data_ptr<int64_t>()};
 #ifdef BATCHLLM_HAS_BF16_KERNEL
   if (q.scalar_type() == at::ScalarType::BFloat16 && D % 32 == 0) {
     bf16k::attention(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), ptrs[0], ptrs[1], ptrs[2], ptrs[3],
-                     ptrs[4], ptrs[5], P, H, KVH, D, S, window, static_cast<float>(scale), out.data_ptr<float>(),
+                     ptrs[4], ptrs[5], P, H, QS, KVH, D, S, window, static_cast<float>(scale), out.data_ptr<float>(),
                      lse.data_ptr<float>());
     return {out, lse};
   }
 #endif
   if (q.scalar_type() == at::ScalarType::BFloat16) {
     ragged_kernel<at::BFloat16>(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), ptrs[0], ptrs[1], ptrs[2],
-                                ptrs[3], ptrs[4], ptrs[5], P, H, KVH, D, S, window, static_cast<float>(scale),
+                                ptrs[3], ptrs[4], ptrs[5], P, H, QS, KVH, D, S, window, static_cast<float>(scale),
                                 out.data_ptr<float>(), lse.data_ptr<float>());
   } else {
     TORCH_CHECK(q.scalar_type() == at::ScalarType::Float, "ragged_attention takes bf16 or fp32");
     ragged_kernel<float>(q.data_ptr<float>(), kv.data_ptr<float>(), ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4],
-                         ptrs[5], P, H, KVH, D, S, window, static_cast<float>(scale), out.data_ptr<float>(),
+                         ptrs[5], P, H, QS, KVH, D, S, window, static_cast<float>(scale), out.data_ptr<float>(),
                          lse.data_ptr<float>());
   }
   return {out, lse};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("ragged_attention", &ragged_attention, "ragged paged attention over small parts (CPU)");
 }

@@ -1,0 +1,23 @@
+// Python bindings of the CPU kernels (one extension module, compiled on first use by batchllm.model.cpu_kernels).
+#include <torch/extension.h>
+
+#include <vector>
+
+std::vector<at::Tensor> ragged_attention(at::Tensor q, at::Tensor kv, at::Tensor q_ptr, at::Tensor q_rows,
+                                         at::Tensor kv_ptr, at::Tensor kv_slots, at::Tensor kv_start,
+                                         at::Tensor q_pos, int64_t window, double scale);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps);
+at::Tensor silu_mul(const at::Tensor& gu);
+void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
+                   const at::Tensor& positions, at::Tensor& kv, const at::Tensor& slots);
+at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ragged_attention", &ragged_attention, "paged attention over ragged parts (CPU), returns (out fp32, lse)");
+  m.def("rms_norm", &rms_norm, "bf16 RMSNorm (HF order of roundings)");
+  m.def("add_rms_norm", &add_rms_norm, "x += delta in place, then RMSNorm of x (bf16)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (bf16)");
+  m.def("rope_write_kv", &rope_write_kv, "rotary embedding of q, k in place and K/V written to cache slots (bf16)");
+  m.def("merge", &merge, "log-sum-exp merge of partial attention results into bf16 rows");
+}

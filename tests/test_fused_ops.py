@@ -1,0 +1,98 @@
+"""The fused bf16 CPU ops against the torch ops they replace (same inputs, same roundings up to one bf16 step)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchllm.config import RopeConfig
+from batchllm.model.attention import AttentionMetadata, AttnPart, _merge
+from batchllm.model.cpu_kernels import load_cpu_kernels
+from batchllm.model.layers import RotaryTable, apply_rotary, rms_norm
+
+kernels = load_cpu_kernels()
+pytestmark = pytest.mark.skipif(kernels is None, reason="the CPU kernels could not be built here")
+BF16 = torch.bfloat16
+
+
+def randn(*shape, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(BF16)
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance between two bf16 tensors in units of the bf16 spacing at b's magnitude."""
+    a, b = a.float(), b.float()
+    spacing = torch.exp2(torch.floor(torch.log2(b.abs().clamp_min(1e-30))) - 7)
+    return (a - b).abs() / spacing
+
+
+def test_rms_norm_matches_torch_order_of_roundings():
+    x, w = randn(37, 512, seed=1, scale=3.0), randn(512, seed=2)
+    out = kernels.rms_norm(x, w, 1e-6)
+    assert ulps(out, rms_norm(x, w, 1e-6)).max().item() <= 1
+    assert (out == rms_norm(x, w, 1e-6)).float().mean().item() > 0.99
+
+
+def test_add_rms_norm_updates_x_in_place():
+    x, delta, w = randn(9, 256, seed=3), randn(9, 256, seed=4), randn(256, seed=5)
+    expect_x = x + delta
+    expect_h = rms_norm(expect_x, w, 1e-5)
+    xx = x.clone()
+    h = kernels.add_rms_norm(xx, delta, w, 1e-5)
+    assert torch.equal(xx, expect_x)  # one fp32 add, rounded once: exactly torch's bf16 add
+    assert ulps(h, expect_h).max().item() <= 1
+
+
+def test_silu_mul():
+    gu = randn(11, 2 * 352, seed=6, scale=4.0)
+    gate, up = gu.chunk(2, dim=-1)
+    expect = F.silu(gate) * up
+    out = kernels.silu_mul(gu)
+    assert out.shape == (11, 352)
+    assert ulps(out, expect).max().item() <= 1
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(8, 4, 64), (4, 1, 32)])
+def test_rope_write_kv(heads, kv_heads, d):
+    t, blocks, bs = 13, 6, 4
+    table = RotaryTable(RopeConfig(theta=10000.0), d, 64, BF16, torch.device("cpu"))
+    qkv = randn(t, (heads + 2 * kv_heads) * d, seed=7)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k, v = q.view(t, heads, d), k.view(t, kv_heads, d), v.view(t, kv_heads, d)  # strided views, as in the model
+    positions = torch.tensor([0, 1, 2, 3, 63, 5, 6, 7, 8, 9, 10, 11, 40])
+    slots = torch.tensor([3, 0, -1, 7, 23, 1, 2, 4, 5, 6, 8, 9, 10])
+    cos, sin = table.lookup(positions)
+    eq, ek = apply_rotary(q.float(), k.float(), cos.float(), sin.float())  # fp32 math: one rounding at the end
+    ev = v.clone()
+    cache = torch.zeros(2, blocks, bs, kv_heads, d, dtype=BF16)
+    kernels.rope_write_kv(q, k, v, table.cos, table.sin, positions, cache.view(2, -1, kv_heads, d), slots)
+    assert ulps(q, eq.to(BF16)).max().item() <= 1 and ulps(k, ek.to(BF16)).max().item() <= 1
+    flat = cache.view(2, -1, kv_heads, d)
+    for row, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(flat[0, slot], k[row]) and torch.equal(flat[1, slot], ev[row])
+    written = torch.zeros(blocks * bs, dtype=torch.bool)
+    written[slots[slots >= 0]] = True
+    assert not flat[:, ~written].any()  # nothing else touched
+
+
+def test_merge_matches_torch_merge():
+    rng = np.random.default_rng(0)
+    t, h, d = 6, 4, 32
+    parts = [AttnPart(np.array([0, 1, 2]), [0], 0, 4), AttnPart(np.array([0]), [1], 4, 2),
+             AttnPart(np.array([1, 3, 4, 5]), [2], 4, 3), AttnPart(np.array([2, 5]), [3], 8, 1)]
+    meta = AttentionMetadata.build(parts, np.full(t, 20), np.arange(t), 16, torch.device("cpu"),
+                                   ragged_max_queries=0)
+    n = len(meta.merge_rows)
+    out = torch.from_numpy(rng.standard_normal((n, h, d)).astype(np.float32))
+    lse = torch.from_numpy(rng.standard_normal((n, h)).astype(np.float32) * 3)
+    q = torch.zeros(t, h, d, dtype=BF16)
+    expect = _merge([out.to(BF16)], [lse], meta, q)
+    got = kernels.merge(out, lse, meta.merge_index)
+    assert got.dtype == BF16 and got.shape == (t, h, d)
+    torch.testing.assert_close(got.float(), expect.float(), atol=2e-2, rtol=1e-2)
+    exact = (out[meta.merge_index.clamp_max(n - 1)] * torch.softmax(
+        torch.cat([lse, torch.full((1, h), float("-inf"))])[meta.merge_index], dim=1)[..., None]).sum(1)
+    assert ulps(got, exact.to(BF16)).max().item() <= 1
