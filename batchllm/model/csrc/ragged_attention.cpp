@@ -234,6 +234,7 @@ struct Buffers {
   std::vector<int32_t> qp, pp, vp, qpos, lo;
   std::vector<float> st, acc, m, l, c;
   std::vector<uint8_t> active;
+  std::vector<int32_t> tmax;
   Buffers(int64_t D) {
     const int64_t R = TASK_ROWS;
     qp.resize(R * D / 2);
@@ -247,6 +248,7 @@ struct Buffers {
     l.resize(R);
     c.resize(R);
     active.resize(R / 16);
+    tmax.resize(R / 16);
   }
 };
 
@@ -323,40 +325,68 @@ void run_task(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloat
       }
     }
     const int32_t kpos0 = static_cast<int32_t>(first + j0);
+    // Which row tiles see this block: some row's [lo, qpos] meets [kpos0, kpos0 + nb - 1].
     for (int64_t tile = 0; tile < tiles; ++tile) {
-      // A tile sees this block iff some row's [lo, qpos] meets [kpos0, kpos0 + nb - 1].
       int32_t tmax = NOPOS, tlo = std::numeric_limits<int32_t>::max();
       for (int64_t r = tile * 16; r < std::min<int64_t>(R, tile * 16 + 16); ++r) {
         tmax = std::max(tmax, B.qpos[r]);
         tlo = std::min(tlo, B.lo[r]);
       }
-      const bool active = tmax >= kpos0 && tlo <= kpos0 + nb - 1;
-      B.active[tile] = active;
-      if (!active) continue;
-      const __m512i qpos = _mm512_loadu_si512(B.qpos.data() + tile * 16);
-      const __m512i lov = _mm512_loadu_si512(B.lo.data() + tile * 16);
-      const int32_t* qt = B.qp.data() + tile * P2 * 16;
-      float* st = B.st.data();
-      for (int64_t b0 = 0; b0 < KB; b0 += 16) {
-        if (b0 >= nb || kpos0 + b0 > tmax) {  // every key of this half is past every row (or padding)
-          for (int64_t b = b0; b < b0 + 16; ++b) _mm512_storeu_ps(st + b * RP + tile * 16, _mm512_set1_ps(NEG));
-          continue;
+      B.active[tile] = tmax >= kpos0 && tlo <= kpos0 + nb - 1;
+      B.tmax[tile] = tmax;
+    }
+    // Scores: two tiles (32 rows) x 8 keys at a time, so each broadcast key pair feeds two products.
+    float* st = B.st.data();
+    for (int64_t tile = 0; tile < tiles;) {
+      if (!B.active[tile]) {
+        ++tile;
+        continue;
+      }
+      const int NT = tile + 1 < tiles && B.active[tile + 1] ? 2 : 1;
+      const int32_t tmax = NT == 2 ? std::max(B.tmax[tile], B.tmax[tile + 1]) : B.tmax[tile];
+      for (int64_t b0 = 0; b0 < KB; b0 += 8) {
+        __m512 sc[2][8];
+        const bool skip = b0 >= nb || kpos0 + b0 > tmax;  // every key here is past every row (or padding)
+        for (int k = 0; k < 8; ++k) sc[0][k] = sc[1][k] = _mm512_setzero_ps();
+        if (!skip) {
+          const int32_t* q0t = B.qp.data() + tile * P2 * 16;
+          if (NT == 2) {
+            const int32_t* q1t = q0t + P2 * 16;
+            for (int64_t p = 0; p < P2; ++p) {
+              const __m512i qv0 = _mm512_loadu_si512(q0t + p * 16), qv1 = _mm512_loadu_si512(q1t + p * 16);
+              for (int k = 0; k < 8; ++k) {
+                const __m512i kb = bcast_pair(krow[b0 + k], p);
+                sc[0][k] = dp(sc[0][k], qv0, kb);
+                sc[1][k] = dp(sc[1][k], qv1, kb);
+              }
+            }
+          } else {
+            for (int64_t p = 0; p < P2; ++p) {
+              const __m512i qv0 = _mm512_loadu_si512(q0t + p * 16);
+              for (int k = 0; k < 8; ++k) sc[0][k] = dp(sc[0][k], qv0, bcast_pair(krow[b0 + k], p));
+            }
+          }
         }
-        __m512 s[16];
-        for (int k = 0; k < 16; ++k) s[k] = _mm512_setzero_ps();
-        for (int64_t p = 0; p < P2; ++p) {
-          const __m512i qv = _mm512_loadu_si512(qt + p * 16);
-          for (int k = 0; k < 16; ++k) s[k] = dp(s[k], qv, bcast_pair(krow[b0 + k], p));
-        }
-        for (int k = 0; k < 16; ++k) {
-          const int32_t kp = kpos0 + static_cast<int32_t>(b0) + k;
-          const __m512i kpv = _mm512_set1_epi32(kp);
-          __mmask16 vis = _mm512_cmp_epi32_mask(kpv, qpos, _MM_CMPINT_LE) & _mm512_cmp_epi32_mask(lov, kpv, _MM_CMPINT_LE);
-          if (b0 + k >= nb) vis = 0;
-          _mm512_storeu_ps(st + (b0 + k) * RP + tile * 16,
-                           _mm512_mask_blend_ps(vis, _mm512_set1_ps(NEG), _mm512_mul_ps(s[k], _mm512_set1_ps(scale))));
+        for (int u = 0; u < NT; ++u) {
+          const int64_t lane0 = (tile + u) * 16;
+          const __m512i qpos = _mm512_loadu_si512(B.qpos.data() + lane0);
+          const __m512i lov = _mm512_loadu_si512(B.lo.data() + lane0);
+          for (int k = 0; k < 8; ++k) {
+            const int32_t kp = kpos0 + static_cast<int32_t>(b0) + k;
+            const __m512i kpv = _mm512_set1_epi32(kp);
+            __mmask16 vis = _mm512_cmp_epi32_mask(kpv, qpos, _MM_CMPINT_LE) &
+                            _mm512_cmp_epi32_mask(lov, kpv, _MM_CMPINT_LE);
+            if (skip || b0 + k >= nb) vis = 0;
+            _mm512_storeu_ps(st + (b0 + k) * RP + lane0,
+                             _mm512_mask_blend_ps(vis, _mm512_set1_ps(NEG), _mm512_mul_ps(sc[u][k], _mm512_set1_ps(scale))));
+          }
         }
       }
+      tile += NT;
+    }
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      if (!B.active[tile]) continue;
+      const float* st = B.st.data();
       // Online softmax, lane-wise over the block's keys.
       __m512 mx = _mm512_set1_ps(NEG);
       for (int64_t b = 0; b < nb; ++b) mx = _mm512_max_ps(mx, _mm512_loadu_ps(st + b * RP + tile * 16));
