@@ -51,7 +51,10 @@ def test_silu_mul():
     expect = F.silu(gate) * up
     out = kernels.silu_mul(gu)
     assert out.shape == (11, 352)
-    assert ulps(out, expect).max().item() <= 1
+    # silu's exp differs from torch's in the last fp32 bits: its bf16 rounding may go the other way (1 ulp of
+    # silu), which the product with `up` can turn into 2 ulps
+    assert ulps(out, expect).max().item() <= 2
+    assert (out == expect).float().mean().item() > 0.98
 
 
 @pytest.mark.parametrize("heads,kv_heads,d", [(8, 4, 64), (4, 1, 32)])

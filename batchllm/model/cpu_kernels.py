@@ -6,6 +6,7 @@ torch path."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import warnings
@@ -13,6 +14,7 @@ from pathlib import Path
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "bindings.cpp", _CSRC / "ragged_attention.cpp", _CSRC / "fused_ops.cpp"]
+_HEADERS = [_CSRC / "simd.h"]
 
 
 @functools.cache
@@ -26,8 +28,11 @@ def load_cpu_kernels():
 
         cache = Path(os.environ.get("BATCHLLM_CACHE", Path.home() / ".cache" / "batchllm")) / "torch_extensions"
         cache.mkdir(parents=True, exist_ok=True)
-        flags = ["-O3", "-fopenmp", "-march=native", "-ffast-math"]
+        # torch rebuilds when the sources or flags change; the headers' hash in a flag covers header edits too
+        header_hash = hashlib.sha1(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:12]
+        flags = ["-O3", "-fopenmp", "-march=native", "-ffast-math", f"-DBATCHLLM_HEADERS={header_hash}"]
         return load(name="batchllm_cpu_kernels", sources=[str(s) for s in _SOURCES], extra_cflags=flags,
+                    extra_include_paths=[str(_CSRC)],
                     extra_ldflags=["-fopenmp"], build_directory=str(cache), verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: fall back, loudly once
         print(f"batchllm: the CPU kernels could not be built ({e}); using the slower torch path", file=sys.stderr)
@@ -42,9 +47,10 @@ def load_ragged_attention():
 
 
 def load_fused_ops(dtype, device):
-    """The compiled module when its fused element-wise ops apply (bf16 on CPU), else None."""
+    """The compiled module when its fused element-wise ops apply (bf16 on a CPU with AVX512-BF16), else None."""
     import torch
 
     if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
         return None
-    return load_cpu_kernels()
+    module = load_cpu_kernels()
+    return module if module is not None and module.fused_ops_available() else None

@@ -12,6 +12,7 @@ at::Tensor silu_mul(const at::Tensor& gu);
 void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
                    const at::Tensor& positions, at::Tensor& kv, const at::Tensor& slots);
 at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index);
+bool fused_ops_available();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ragged_attention", &ragged_attention, "paged attention over ragged parts (CPU), returns (out fp32, lse)");
@@ -19,5 +20,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "x += delta in place, then RMSNorm of x (bf16)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (bf16)");
   m.def("rope_write_kv", &rope_write_kv, "rotary embedding of q, k in place and K/V written to cache slots (bf16)");
+  m.def("fused_ops_available", &fused_ops_available, "whether rms_norm ... merge were built (AVX512-BF16 CPU)");
   m.def("merge", &merge, "log-sum-exp merge of partial attention results into bf16 rows");
 }

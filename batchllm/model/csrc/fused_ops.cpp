@@ -1,12 +1,14 @@
-// Fused bf16 element-wise ops of the decoder layer for CPU. Each reads and writes its tensors once, computing in fp32;
-// the torch equivalents make one pass (and one bf16 rounding) per operator. Rows are split over torch's threads.
+// Fused bf16 element-wise ops of the decoder layer for CPU (AVX-512). Each reads and writes its tensors once,
+// computing in fp32; the torch equivalents make one pass (and one bf16 rounding) per operator. Rows are split over
+// torch's threads. Built only where the CPU has AVX512-BF16 (`available()`); elsewhere the model uses torch ops.
 //
 //   rms_norm(x [T, N], w [N], eps) -> [T, N]                  bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))  (HF order)
 //   add_rms_norm(x [T, N], delta [T, N], w, eps) -> [T, N]    x += delta (in place, rounded to bf16), then rms_norm(x)
-//   silu_mul(gu [T, 2I]) -> [T, I]                           silu(gate) * up, gate = gu[:, :I], up = gu[:, I:]
+//   silu_mul(gu [T, 2I]) -> [T, I]                           bf16(bf16(silu(gate)) * up), gate = gu[:, :I], up = gu[:, I:]
 //   rope_write_kv(q [T, H, D], k [T, KVH, D], v, cos [P, D], sin [P, D], positions [T], kv [2, S, KVH, D],
-//                 slots [T])                                 rotates q and k in place (rotate_half convention) and
-//                                                            writes k, v to cache slot slots[t] (skipped if < 0)
+//                 slots [T])                                 rotates q and k in place (rotate_half convention, fp32,
+//                                                            one rounding) and writes k, v to cache slot slots[t]
+//                                                            (skipped if < 0); q, k, v rows may be strided
 //   merge(out [N, H, D] fp32, lse [N, H] fp32, index [T, L]) -> [T, H, D] bf16
 //                                                            per row: sum_l softmax(lse[index[t, l]]) * out[index[t, l]]
 //                                                            (index >= N: no partial result)
@@ -17,25 +19,42 @@
 #include <cmath>
 #include <vector>
 
+#include "simd.h"
+
+bool fused_ops_available() {
+#ifdef BATCHLLM_HAS_BF16_KERNEL
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef BATCHLLM_HAS_BF16_KERNEL
 namespace {
 
 using bf16 = at::BFloat16;
+using simd::exp512;
+using simd::load_bf16;
+using simd::round_bf16;
+using simd::store_bf16;
 constexpr float NEG = -1e30f;  // finite "minus infinity" (built with -ffast-math)
-
-inline float f(bf16 x) { return static_cast<float>(x); }
 
 void check_bf16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device().is_cpu(), name,
               " must be a contiguous bf16 CPU tensor");
 }
 
-void norm_rows(const bf16* x, const bf16* w, bf16* out, int64_t n, float eps) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < n; ++i) ss += f(x[i]) * f(x[i]);
-  const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = bf16(f(w[i]) * f(bf16(f(x[i]) * inv)));
+void norm_row(const bf16* x, const bf16* w, bf16* out, int64_t n, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = load_bf16(x + i, n - i);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(n) + eps));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 h = round_bf16(_mm512_mul_ps(load_bf16(x + i, n - i), inv));
+    store_bf16(out + i, _mm512_mul_ps(load_bf16(w + i, n - i), h), n - i);
+  }
 }
 
 }  // namespace
@@ -48,7 +67,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const bf16 *px = x.data_ptr<bf16>(), *pw = w.data_ptr<bf16>();
   bf16* po = out.data_ptr<bf16>();
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) norm_rows(px + r * n, pw, po + r * n, n, static_cast<float>(eps));
+    for (int64_t r = b; r < e; ++r) norm_row(px + r * n, pw, po + r * n, n, static_cast<float>(eps));
   });
   return out;
 }
@@ -67,9 +86,9 @@ at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor
     for (int64_t r = b; r < e; ++r) {
       bf16* xr = px + r * n;
       const bf16* dr = pd + r * n;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) xr[i] = bf16(f(xr[i]) + f(dr[i]));
-      norm_rows(xr, pw, po + r * n, n, static_cast<float>(eps));
+      for (int64_t i = 0; i < n; i += 16)
+        store_bf16(xr + i, _mm512_add_ps(load_bf16(xr + i, n - i), load_bf16(dr + i, n - i)), n - i);
+      norm_row(xr, pw, po + r * n, n, static_cast<float>(eps));
     }
   });
   return out;
@@ -82,14 +101,15 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   const bf16* pg = gu.data_ptr<bf16>();
   bf16* po = out.data_ptr<bf16>();
   at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
+    const __m512 one = _mm512_set1_ps(1.f);
     for (int64_t r = b; r < e; ++r) {
       const bf16* g = pg + r * two_i;
       const bf16* u = g + inter;
       bf16* o = po + r * inter;
-#pragma omp simd
-      for (int64_t i = 0; i < inter; ++i) {
-        const float x = f(g[i]);
-        o[i] = bf16(f(bf16(x / (1.f + std::exp(-x)))) * f(u[i]));  // torch: silu rounds, then the product rounds
+      for (int64_t i = 0; i < inter; i += 16) {
+        const __m512 x = load_bf16(g + i, inter - i);
+        const __m512 silu = round_bf16(_mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
+        store_bf16(o + i, _mm512_mul_ps(silu, load_bf16(u + i, inter - i)), inter - i);
       }
     }
   });
@@ -105,6 +125,7 @@ void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::
               "q, k, v must be bf16");
   const int64_t T = q.size(0), H = q.size(1), KVH = k.size(1), D = q.size(2), half = D / 2;
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "q, k, v need a contiguous last dim");
+  TORCH_CHECK(D % 2 == 0 && kv.size(2) == KVH && kv.size(3) == D, "cache and head shapes differ");
   const int64_t S = kv.size(1);
   bf16 *pq = q.data_ptr<bf16>(), *pk = k.data_ptr<bf16>(), *pkv = kv.data_ptr<bf16>();
   const bf16* pv = v.data_ptr<bf16>();
@@ -113,23 +134,25 @@ void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::
   const int64_t* pslot = slots.data_ptr<int64_t>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(pslot[t] < S, "cache slot out of range");
   at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
-    std::vector<float> tmp(D);
     for (int64_t t = b; t < e; ++t) {
       const bf16* c = pc + ppos[t] * D;
       const bf16* s = ps + ppos[t] * D;
       auto rotate = [&](bf16* x) {  // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
-        for (int64_t i = 0; i < half; ++i) {
-          tmp[i] = f(x[i]) * f(c[i]) - f(x[i + half]) * f(s[i]);
-          tmp[i + half] = f(x[i + half]) * f(c[i + half]) + f(x[i]) * f(s[i + half]);
+        for (int64_t i = 0; i < half; i += 16) {
+          const int64_t n = half - i;
+          const __m512 x1 = load_bf16(x + i, n), x2 = load_bf16(x + half + i, n);
+          const __m512 o1 = _mm512_fnmadd_ps(x2, load_bf16(s + i, n), _mm512_mul_ps(x1, load_bf16(c + i, n)));
+          const __m512 o2 = _mm512_fmadd_ps(x1, load_bf16(s + half + i, n), _mm512_mul_ps(x2, load_bf16(c + half + i, n)));
+          store_bf16(x + i, o1, n);
+          store_bf16(x + half + i, o2, n);
         }
-        for (int64_t i = 0; i < D; ++i) x[i] = bf16(tmp[i]);
       };
       for (int64_t h = 0; h < H; ++h) rotate(pq + t * qs0 + h * qs1);
       for (int64_t h = 0; h < KVH; ++h) rotate(pk + t * ks0 + h * ks1);
       const int64_t slot = pslot[t];
       if (slot < 0) continue;
-      TORCH_CHECK(slot < S, "cache slot out of range");
       for (int64_t h = 0; h < KVH; ++h) {
         std::copy(pk + t * ks0 + h * ks1, pk + t * ks0 + h * ks1 + D, pkv + (slot * KVH + h) * D);
         std::copy(pv + t * vs0 + h * vs1, pv + t * vs0 + h * vs1 + D, pkv + ((S + slot) * KVH + h) * D);
@@ -147,32 +170,42 @@ at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor&
   const int64_t* pi = index.data_ptr<int64_t>();
   bf16* pr = res.data_ptr<bf16>();
   at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
-    std::vector<float> acc(D), wts(L);
+    std::vector<float> wts(L);
     for (int64_t t = b; t < e; ++t) {
+      const int64_t* idx = pi + t * L;
       for (int64_t h = 0; h < H; ++h) {
         float mx = NEG;
-        for (int64_t l = 0; l < L; ++l) {
-          const int64_t j = pi[t * L + l];
-          wts[l] = j < N ? pl[j * H + h] : NEG;
-          mx = std::max(mx, wts[l]);
-        }
+        for (int64_t l = 0; l < L; ++l) mx = std::max(mx, idx[l] < N ? pl[idx[l] * H + h] : NEG);
         float total = 0.f;
         for (int64_t l = 0; l < L; ++l) {
-          wts[l] = pi[t * L + l] < N && wts[l] > NEG ? std::exp(wts[l] - mx) : 0.f;
+          wts[l] = idx[l] < N && pl[idx[l] * H + h] > NEG ? std::exp(pl[idx[l] * H + h] - mx) : 0.f;
           total += wts[l];
         }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t l = 0; l < L; ++l) {
-          if (wts[l] == 0.f) continue;
-          const float wl = wts[l] / total;
-          const float* src = po + (pi[t * L + l] * H + h) * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) acc[d] += wl * src[d];
-        }
         bf16* dst = pr + (t * H + h) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = bf16(acc[d]);
+        for (int64_t d = 0; d < D; d += 16) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t l = 0; l < L; ++l) {
+            if (wts[l] == 0.f) continue;
+            const float* src = po + (idx[l] * H + h) * D + d;
+            const __m512 v = D - d >= 16 ? _mm512_loadu_ps(src)
+                                         : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (D - d)) - 1u), src);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(wts[l] / total), v, acc);
+          }
+          store_bf16(dst + d, acc, D - d);
+        }
       }
     }
   });
   return res;
 }
+
+#else  // no AVX512-BF16: the model does not call these (fused_ops_available() is false)
+
+static void unavailable() { TORCH_CHECK(false, "fused ops need a CPU with AVX512-BF16"); }
+at::Tensor rms_norm(const at::Tensor&, const at::Tensor&, double) { unavailable(); return {}; }
+at::Tensor add_rms_norm(at::Tensor&, const at::Tensor&, const at::Tensor&, double) { unavailable(); return {}; }
+at::Tensor silu_mul(const at::Tensor&) { unavailable(); return {}; }
+void rope_write_kv(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   at::Tensor&, const at::Tensor&) { unavailable(); }
+at::Tensor merge(const at::Tensor&, const at::Tensor&, const at::Tensor&) { unavailable(); return {}; }
+#endif

@@ -19,9 +19,8 @@
 // Visibility: key position kp is seen by a query at qp iff kp <= qp and (window == 0 or kp > qp - window).
 
 #include <ATen/ATen.h>
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
+
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -188,8 +187,7 @@ void ragged_kernel(const scalar_t* q, const scalar_t* kv, const int64_t* q_ptr, 
 //   acc   [rows][D]           fp32 output accumulators, rescaled by exp(m_old - m_new) per block
 //
 // vdpbf16ps sums the two products of a pair into one fp32 lane: QK^T reduces over dim pairs, PV over key pairs.
-#if defined(__AVX512BF16__)
-#define BATCHLLM_HAS_BF16_KERNEL 1
+#ifdef BATCHLLM_HAS_BF16_KERNEL
 
 namespace bf16k {
 
@@ -202,26 +200,13 @@ inline __m512i bcast_pair(const at::BFloat16* row, int64_t p) {
   return _mm512_set1_epi32(reinterpret_cast<const int32_t*>(row)[p]);
 }
 
-// exp(x) for x <= 0 (fp32 lanes): 2^n * 2^f with a degree-6 polynomial for 2^f, f in [-0.5, 0.5]; rel. error ~1e-7.
-inline __m512 exp512(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(1.44269504f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+using simd::exp512;
 
 // Tasks of at most this many rows run in the scalar kernel (env BATCHLLM_SMALL_ROWS overrides, for measuring).
 inline int64_t small_rows_limit() {
   static const int64_t limit = [] {
     const char* env = std::getenv("BATCHLLM_SMALL_ROWS");
-    return std::min<int64_t>(env ? std::atoll(env) : int64_t{4}, 8);
+    return std::min<int64_t>(env ? std::atoll(env) : int64_t{6}, 8);
   }();
   return limit;
 }
@@ -312,6 +297,13 @@ void run_task(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloat
         vrow[b] = kv + v_offset + (slot * KVH + h) * D;
       } else {
         krow[b] = vrow[b] = zero_row;
+      }
+    }
+    for (int64_t b = 0; b < KB && j0 + KB + b < j_end; ++b) {  // the next block's rows, while this one computes
+      const int64_t slot = kv_slots[k0 + j0 + KB + b];
+      for (int64_t off = 0; off < D * 2; off += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(kv + (slot * KVH + h) * D) + off, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(kv + v_offset + (slot * KVH + h) * D) + off, _MM_HINT_T0);
       }
     }
     // V as key pairs.
@@ -519,6 +511,16 @@ void run_small(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloa
         vrow[b] = kv + v_offset + (slot * KVH + h) * D;
       } else {
         krow[b] = vrow[b] = zero_row;
+      }
+    }
+    // Decodes read each key once: fetch the next block's rows while this one is computed.
+    for (int64_t b = 0; b < SMALL_KB && j0 + SMALL_KB + b < j_end; ++b) {
+      const int64_t slot = kv_slots[k0 + j0 + SMALL_KB + b];
+      const char* kr = reinterpret_cast<const char*>(kv + (slot * KVH + h) * D);
+      const char* vr = reinterpret_cast<const char*>(kv + v_offset + (slot * KVH + h) * D);
+      for (int64_t off = 0; off < D * 2; off += 64) {
+        _mm_prefetch(kr + off, _MM_HINT_T0);
+        _mm_prefetch(vr + off, _MM_HINT_T0);
       }
     }
     for (int64_t c = 0; c < P2; c += 16) {  // 16 dim pairs (32 dims) of the 16 keys at a time

@@ -1,0 +1,51 @@
+// AVX-512 helpers shared by the CPU kernels (only compiled where the CPU has AVX512-BF16).
+#pragma once
+
+#if defined(__AVX512BF16__)
+#define BATCHLLM_HAS_BF16_KERNEL 1
+#include <immintrin.h>
+
+#include <ATen/ATen.h>
+
+namespace simd {
+
+// 16 bf16 -> 16 fp32 (exact: a bf16 is the top half of an fp32). `n` < 16 loads a masked tail (zeros past it).
+inline __m512 load_bf16(const at::BFloat16* p, int64_t n = 16) {
+  const __m256i raw = n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                              : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1u), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// 16 fp32 -> 16 bf16, round to nearest even (as torch rounds); `n` < 16 stores a masked tail.
+inline void store_bf16(at::BFloat16* p, __m512 v, int64_t n = 16) {
+  const __m256i packed = (__m256i)_mm512_cvtneps_pbh(v);
+  if (n >= 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  } else {
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1u), packed);
+  }
+}
+
+// fp32 -> nearest bf16 -> fp32 (a bf16 rounding step inside an fp32 computation).
+inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+// exp(x) in fp32 lanes: 2^n * 2^f with a degree-6 polynomial for 2^f, f in [-0.5, 0.5]; relative error ~1e-7.
+// Inputs below -100 give ~0 (exp(-100) ~ 4e-44), above ~88.7 give +inf.
+inline __m512 exp512(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace simd
+#endif
