@@ -116,20 +116,20 @@ def main() -> None:
     with torch.inference_mode():
         for name in ("shared", "baseline"):
             parts = w[name]
-            build_ms = bench(
-                lambda parts=parts: AttentionMetadata.build(parts, w["positions"], w["slots"], args.block_size, cpu),
-                args.repeat,
-            )
-            meta = AttentionMetadata.build(parts, w["positions"], w["slots"], args.block_size, cpu)
+            def build(parts=parts):
+                return AttentionMetadata.build(parts, w["positions"], w["slots"], args.block_size, cpu, dtype=dtype)
+
+            build_ms = bench(build, args.repeat)
+            meta = build()
             results[name] = bench(lambda meta=meta: paged_attention(q, k, v, cache, meta, scale), args.repeat)
-            shapes = ", ".join(f"{b.batch}x{b.q_len}x{b.kv_len}" for b in meta.buckets)
+            shapes = ", ".join(f"{b.batch}x{b.q_len}x{b.kv_len}" for b in meta.buckets) or "none (all in the kernel)"
             print(
                 f"  {name:9s} {results[name][0]:8.2f} ms/layer (min {results[name][1]:.2f})   "
                 f"build {build_ms[0]:6.2f} ms/step   buckets {shapes}"
             )
         outs = {}
         for name in ("shared", "baseline"):
-            meta = AttentionMetadata.build(w[name], w["positions"], w["slots"], args.block_size, cpu)
+            meta = AttentionMetadata.build(w[name], w["positions"], w["slots"], args.block_size, cpu, dtype=dtype)
             outs[name] = paged_attention(q, k, v, cache, meta, scale).float()
         slots_t = torch.from_numpy(w["slots"])
         if not args.no_naive:
