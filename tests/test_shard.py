@@ -1,10 +1,10 @@
-"""Prefix-affinity sharding of the global plan over workers (pure Python; the Ray runner will build on it)."""
+"""Prefix-affinity sharding of the global plan over workers (pure Python; the Ray runner builds on it)."""
 
 import random
 
 import pytest
 
-from batchllm.distributed.shard import prompt_tokens_of, shard_plan
+from batchllm.distributed.shard import calls_of_workers, pack_pieces, prompt_tokens_of, shard_plan
 from batchllm.prefix.plan import plan_batch
 
 
@@ -75,3 +75,46 @@ def test_bad_arguments():
         shard_plan(plan, [len(p) for p in prompts], max_tokens, 0)
     with pytest.raises(ValueError, match="split_factor"):
         shard_plan(plan, [len(p) for p in prompts], max_tokens, 2, split_factor=0)
+
+
+def test_a_nested_group_is_cut_between_its_subgroups():
+    # a 1-block template shared by all, under it 3 system prompts (2 blocks each) shared by 3, 2 and 3 requests
+    template = [1, 2, 3, 4]
+    sizes = [3, 2, 3]
+    prompts = [template + [10 * (g + 1) + j for j in range(8)] + [200 + 10 * g + i]
+               for g, n in enumerate(sizes) for i in range(n)]
+    plan = plan_batch(prompts, 4)
+    assert len(plan.groups) == 1 and plan.stats.plan_tokens == 4 + 3 * 8 + 8
+    sp = shard_plan(plan, [len(p) for p in prompts], [1] * 8, 2)
+    # equal-count halves would cut the middle subgroup and compute its 8-token prompt twice; the cut falls between
+    # subgroups instead, and each piece recomputes only the template
+    assert sorted(sorted(p) for p in sp.pieces) == [[0, 1, 2], [3, 4], [5, 6, 7]]
+    assert sum(sp.worker_prompt_tokens) == plan.stats.plan_tokens + 2 * 4
+    assert sorted(sp.worker_cost) == [18, 16 + 18]  # makespan 34 instead of 44 for the whole group
+
+
+def test_a_cut_that_does_not_pay_off_is_not_made():
+    # a group of 4 under a 32-token prefix costs 40, over the fair share of 29 (2 workers); halving it would
+    # compute the prefix twice and raise the makespan to 48, so it stays whole
+    prompts = [list(range(100, 132)) + [200 + i] for i in range(4)]
+    prompts += [[10 * k + j for j in range(5)] for k in (1, 2, 3)]
+    plan = plan_batch(prompts, 4)
+    sp = shard_plan(plan, [len(p) for p in prompts], [1] * 7, 2)
+    assert sorted(len(p) for p in sp.pieces) == [1, 1, 1, 4]
+    assert sorted(sp.worker_cost) == [18, 40]
+    assert sum(sp.worker_prompt_tokens) == plan.stats.plan_tokens and sp.saving_kept == 1.0
+
+
+def test_pieces_pack_into_calls_of_whole_pieces():
+    assert pack_pieces([3, 1, 4, 2, 5], 5) == [[0, 1], [2], [3], [4]]
+    assert pack_pieces([7, 1, 1], 5) == [[0], [1, 2]]  # a piece larger than a call is a call alone
+    assert pack_pieces([], 5) == []
+    prompts, max_tokens, plan = forest(1)
+    sp = shard_plan(plan, [len(p) for p in prompts], max_tokens, 3)
+    calls = calls_of_workers(sp, 6)
+    for w, worker_calls in calls.items():
+        assert [p for call in worker_calls for p in call] == sp.pieces_of(w)
+        assert all(len(call) == 1 or sum(len(sp.pieces[p]) for p in call) <= 6 for call in worker_calls)
+    assert sorted(p for c in calls.values() for call in c for p in call) == list(range(len(sp.pieces)))
+    costs = [sp.piece_cost[p] for p in sp.pieces_of(0)]
+    assert costs == sorted(costs, reverse=True)

@@ -10,6 +10,9 @@ Resume: windows are cut from all runnable lines, done or not, so a rerun makes t
 run. A window with missing results runs again whole (up to `--window` - 1 finished requests are recomputed) and
 only the missing results are written: they are then bit-identical to an uninterrupted run's, whatever the dtype,
 because the engine is deterministic for the same batch.
+
+With `--ray [ADDRESS]`, pass 2 runs on Ray actors instead (`batchllm.distributed.ray_runner`); everything else here
+(validation, error lines, resume, result lines, summary) is the same code.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import os
 import sys
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
     j = p.add_argument_group("job")
     j.add_argument("--window", type=int, default=8192,
-                   help="requests per engine call (prefix sharing is planned within a window; bounds memory)")
+                   help="requests per engine call (prefix sharing is planned within a window; bounds memory). With "
+                        "--ray the plan is global and a worker's call holds whole pieces of it")
     j.add_argument("--default-max-tokens", type=int, default=ob.DEFAULT_MAX_TOKENS_CAP,
                    help="max_tokens of lines that set none: min(this, context length - prompt length)")
     j.add_argument("--sync-every", type=int, default=32, help="fsync OUT every N result lines ...")
@@ -80,6 +85,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--stats-json", default=None, help="write the end-of-job figures to this JSON file")
     j.add_argument("--report", default=None, help="write an HTML report (report.html) into this folder")
     j.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r = p.add_argument_group("ray (scale out; needs pip install 'batchllm[ray]')")
+    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: ADDRESS (host:port, ray://...) or, without a value, RAY_ADDRESS / the "
+                        "latest local cluster / a new local one (ray.init())")
+    r.add_argument("--ray-workers", type=int, default=None,
+                   help="engine actors (default: the cluster's CPUs, or GPUs, divided by the per-worker share)")
+    r.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="CPUs each engine actor reserves")
+    r.add_argument("--ray-gpus-per-worker", type=float, default=0.0, help="GPUs each engine actor reserves")
+
+
+def job_namespace(input_path: str | Path, output_path: str | Path, model: str | Path, **options: Any
+                  ) -> argparse.Namespace:
+    """The parsed `run` arguments for a job started from Python: the command line's defaults, overridden by
+    `options` named like the options' destinations (dtype=..., window=..., ray_workers=...). Raises TypeError for
+    an unknown name."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["-i", str(input_path), "-o", str(output_path), "--model", str(model)])
+    unknown = sorted(k for k in options if not hasattr(args, k))
+    if unknown:
+        raise TypeError(f"unknown job option(s): {', '.join(unknown)}")
+    for k, v in options.items():
+        setattr(args, k, v)
+    return args
 
 
 def main(args: argparse.Namespace) -> int:
@@ -259,9 +288,26 @@ def _already_done(item: ob.BatchRequest | ob.LineError, resume: ResumeIndex) -> 
 
 def read_pending(path: str | Path, pending: Pending, start: int, stop: int) -> list[ob.BatchRequest | ob.LineError]:
     """Pass 2: parses the runnable lines pending[start:stop] again (they passed pass 1)."""
+    return read_lines_at(path, pending.offsets[start:stop], pending.line_nos[start:stop])
+
+
+def read_lines_at(path: str | Path, offsets: Sequence[int], line_nos: Sequence[int]
+                  ) -> list[ob.BatchRequest | ob.LineError]:
+    """Parses the input lines at these byte offsets again, numbered `line_nos` (same length)."""
+    return [ob.parse_line(raw, line_no) for (_, _, raw), line_no in zip(iter_lines(path, offsets), line_nos)]
+
+
+def prepare_runnable(reqs: list[ob.BatchRequest], validator: Validator, writer: ResultWriter, totals: JobTotals
+                     ) -> list[tuple[ob.BatchRequest, list[int], Any]]:
+    """(request, prompt token ids, sampling params) of each request that validates; writes the error line of any
+    that does not (cannot happen for an input file unchanged since pass 1; kept safe)."""
     out = []
-    for (_, _, raw), line_no in zip(iter_lines(path, pending.offsets[start:stop]), pending.line_nos[start:stop]):
-        out.append(ob.parse_line(raw, line_no))
+    for req, res in zip(reqs, validator.prepare(reqs)):
+        if isinstance(res, ob.LineError):
+            totals.failed_validation += 1
+            writer.write(ob.error_line(res))
+        else:
+            out.append((req, res[0], res[1]))
     return out
 
 
@@ -317,20 +363,14 @@ def run_windows(llm: Any, path: str | Path, pending: Pending, validator: Validat
             continue
         items = read_pending(path, pending, start, start + window)
         done = {ln for ln, d in zip(pending.line_nos[start:start + window], pending.done[start:start + window]) if d}
-        reqs = [it for it in items if isinstance(it, ob.BatchRequest)]
-        prepared = validator.prepare(reqs)
-        run_reqs, prompts, params = [], [], []
-        for req, res in zip(reqs, prepared):
-            if isinstance(res, ob.LineError):  # cannot happen for an unchanged input file; kept safe
-                totals.failed_validation += 1
-                writer.write(ob.error_line(res))
-                continue
-            run_reqs.append(req)
-            prompts.append({"prompt_token_ids": res[0]})
-            params.append(res[1])
-        del items, prepared
-        if not run_reqs:
+        prepared = prepare_runnable([it for it in items if isinstance(it, ob.BatchRequest)], validator, writer, totals)
+        del items
+        if not prepared:
             continue
+        run_reqs = [req for req, _, _ in prepared]
+        prompts = [{"prompt_token_ids": ids} for _, ids, _ in prepared]
+        params = [sp for _, _, sp in prepared]
+        del prepared
         t_call = time.monotonic() - t_start
         for idx, out in llm.generate_stream(prompts, params):
             req = run_reqs[idx]
@@ -357,18 +397,67 @@ def write_result(writer: ResultWriter, req: ob.BatchRequest, out: Any, totals: J
     writer.write(ob.response_line(req, out, model_name, int(time.time()), token_text))
 
 
+ENGINE_OPTIONS = ("dtype", "kv_cache_memory_bytes", "block_size", "max_num_batched_tokens", "policy", "seed", "device")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `LLM(...)` keyword arguments given on the command line (unset ones left to the engine's defaults)."""
+    return {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k, None) is not None}
+
+
 def build_llm(args: argparse.Namespace) -> Any:
     """Loads the engine with the engine options given on the command line."""
     from batchllm import LLM
 
-    kw = {k: getattr(args, k) for k in ("dtype", "kv_cache_memory_bytes", "block_size", "max_num_batched_tokens",
-                                        "policy", "seed", "device") if getattr(args, k, None) is not None}
-    return LLM(args.model, **kw)
+    return LLM(args.model, **engine_options(args))
+
+
+# Pass 2 strategies: (args, pending, validator, writer, totals) -> (clock value when generation started, extra
+# summary figures). Each writes every missing result through `writer` and counts it into `totals`.
+Pass2 = Callable[[argparse.Namespace, Pending, Validator, ResultWriter, JobTotals], tuple[float, dict]]
+
+
+def local_pass(args: argparse.Namespace, pending: Pending, validator: Validator, writer: ResultWriter,
+               totals: JobTotals, llm_factory: Callable[[argparse.Namespace], Any] = build_llm) -> tuple[float, dict]:
+    """Pass 2 on one engine in this process: loads it, then runs the windows."""
+    llm = llm_factory(args)
+    progress = Progress(totals.lines_total, totals.lines_total - pending.num_todo, not args.no_progress)
+    t_gen = time.monotonic()
+    try:
+        run_windows(llm, args.input, pending, validator, writer, totals, args.window, served_model_name(args), progress)
+    finally:
+        progress.close()
+    return t_gen, {}
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    """The model name written into result lines that name none: the model folder's name."""
+    return Path(args.model).resolve().name
 
 
 def run_job(args: argparse.Namespace, llm_factory: Callable[[argparse.Namespace], Any] = build_llm) -> int:
-    """The whole job (see the module docstring). Raises JobError when it cannot start."""
+    """The whole job (see the module docstring); 0 when it ran. Raises JobError when it cannot start."""
+    execute_job(args, llm_factory)
+    return 0
+
+
+def execute_job(args: argparse.Namespace, llm_factory: Callable[[argparse.Namespace], Any] = build_llm,
+                pass2: Pass2 | None = None) -> dict:
+    """Runs the job, prints the summary, writes the stats JSON and report; returns the summary dict. Pass 2 is
+    `pass2` when given, else Ray's when `args.ray` is set, else the local engine's. Raises JobError when the job
+    cannot start."""
     t0 = time.monotonic()
+    if pass2 is None and getattr(args, "ray", None) is not None:
+        from batchllm.distributed.ray_runner import import_ray, ray_pass
+
+        try:  # before any work: a missing Ray is a one-line error, not a late crash
+            import_ray()
+        except ImportError as e:
+            raise JobError(f"--ray: {e}") from None
+        pass2 = ray_pass
+    if pass2 is None:
+        pass2 = partial(local_pass, llm_factory=llm_factory)
+
     config = check_paths(args.input, args.output, args.model)
     encoder = load_encoder(args.model, config)
     context = ob.read_context_length(config) or ENGINE_DEFAULT_CONTEXT
@@ -388,7 +477,7 @@ def run_job(args: argparse.Namespace, llm_factory: Callable[[argparse.Namespace]
         writer = ResultWriter(args.output, args.sync_every, args.sync_interval)
     except OSError as e:
         raise JobError(f"cannot open output file {args.output}: {e.strerror}") from None
-    progress = None
+    extra: dict = {}
     with writer:
         try:
             pending = scan_input(args.input, validator, resume, writer, totals)
@@ -398,21 +487,15 @@ def run_job(args: argparse.Namespace, llm_factory: Callable[[argparse.Namespace]
         del resume  # the done set is not needed any more
         t_gen = time.monotonic()
         if pending.num_todo:
-            llm = llm_factory(args)
-            progress = Progress(totals.lines_total, totals.lines_total - pending.num_todo, not args.no_progress)
-            t_gen = time.monotonic()
-            try:
-                run_windows(llm, args.input, pending, validator, writer, totals, args.window,
-                            Path(args.model).resolve().name, progress)
-            finally:
-                progress.close()
+            t_gen, extra = pass2(args, pending, validator, writer, totals)
     t_end = time.monotonic()
     s = summary(totals, t_end - t_gen)
     s["job_elapsed_s"] = round(t_end - t0, 3)
+    s.update(extra)
     print(format_summary(s), file=sys.stderr)
     if args.stats_json:
         write_stats_json(args.stats_json, s)
     if args.report:
         page = write_report(args.report, s, totals)
         print(f"batchllm run: report written to {page}", file=sys.stderr)
-    return 0
+    return s

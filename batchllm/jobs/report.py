@@ -142,6 +142,13 @@ def format_summary(s: dict) -> str:
     ]
     if s.get("kv_blocks_total"):
         lines.append(f"KV: peak {s['peak_kv_blocks']}/{s['kv_blocks_total']} blocks, {s['preemptions']} preemptions")
+    if s.get("ray"):
+        ray = s["ray"]
+        single = ray["plan_prompt_tokens_single_machine"]
+        lines.append(f"ray: {ray['workers']} workers ({ray['workers_lost']} lost, {ray['pieces_rerun']} pieces run "
+                     f"again), {ray['pieces']} pieces; prompt tokens computed {t['computed_prompt']} "
+                     f"(per worker {ray['computed_prompt_tokens_per_worker']}), {single} planned on one machine"
+                     + (f" ({100 * (t['computed_prompt'] / single - 1):+.1f}%)" if single else ""))
     return "\n".join(lines)
 
 
