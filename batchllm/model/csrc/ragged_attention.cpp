@@ -598,27 +598,31 @@ void attention(const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_p
                float* out, float* lse) {
   const int64_t G = H / KVH;
   std::vector<Task> tasks;
+  const int64_t small_rows = small_rows_limit();
   for (int64_t p = 0; p < num_parts; ++p) {
     const int64_t R = (q_ptr[p + 1] - q_ptr[p]) * G;
+    if (R <= small_rows) {  // one task for every KV head: the heads of a slot are adjacent in the cache
+      tasks.push_back({p, -1, 0, R});
+      continue;
+    }
     for (int64_t h = 0; h < KVH; ++h)
       for (int64_t r0 = 0; r0 < R; r0 += TASK_ROWS) tasks.push_back({p, h, r0, std::min(TASK_ROWS, R - r0)});
   }
   // Longest tasks (rows x keys) first, so dynamic scheduling ends balanced.
-  std::sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) {
-    return a.nrows * (kv_ptr[a.part + 1] - kv_ptr[a.part]) > b.nrows * (kv_ptr[b.part + 1] - kv_ptr[b.part]);
-  });
+  auto work = [&](const Task& t) { return t.nrows * (t.head < 0 ? KVH : 1) * (kv_ptr[t.part + 1] - kv_ptr[t.part]); };
+  std::sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) { return work(a) > work(b); });
   std::vector<at::BFloat16> zero_row(D, at::BFloat16(0.f));
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
-  const int64_t small_rows = small_rows_limit();
 #pragma omp parallel
   {
     Buffers B(D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_tasks; ++i) {
       const Task& t = tasks[i];
-      if (t.nrows <= small_rows) {  // a few rows: padding them to 16 lanes would waste the work
-        SMALL_FNS[t.nrows](t, B, q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale,
-                           zero_row.data(), out, lse);
+      if (t.head < 0) {  // a few rows: padding them to 16 lanes would waste the work
+        for (int64_t h = 0; h < KVH; ++h)
+          SMALL_FNS[t.nrows](Task{t.part, h, 0, t.nrows}, B, q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos,
+                             H, QS, KVH, D, S, window, scale, zero_row.data(), out, lse);
       } else {
         run_task(t, B, q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale,
                  zero_row.data(), out, lse);
