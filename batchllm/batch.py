@@ -49,6 +49,9 @@ def build_sequences(plan: PrefixPlan, prompts: Sequence[list[int]], max_tokens: 
         leaves.append(leaf)
     for n in nodes:
         n.pending_children = len(n.children)
+    for g, members in enumerate(plan.groups):
+        for j in members:
+            leaves[j].group = g
     return SequenceSet(nodes, leaves, order_roots(plan, nodes, leaves, policy))
 
 

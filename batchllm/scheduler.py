@@ -45,30 +45,53 @@ class StepPlan:
 
 class DecodeEstimator:
     """Expected final output length of a leaf. "max_tokens" trusts the bound; "history" scales it by the 90th
-    percentile of (output length / max_tokens) over the last finished leaves once enough have finished."""
+    percentile of (output length / max_tokens) over finished leaves: those of the leaf's own group once
+    MIN_GROUP_HISTORY of them have finished (requests sharing a prefix tend to share an answer length), else the
+    last WINDOW finished leaves of any group once MIN_HISTORY have finished."""
 
     MIN_HISTORY = 16
+    MIN_GROUP_HISTORY = 4
     WINDOW = 512
 
     def __init__(self, mode: str):
         self.mode = mode
         self.ratios: deque[float] = deque(maxlen=self.WINDOW)
         self._q90 = 1.0
+        self.group_ratios: dict[int, deque[float]] = {}
+        self._group_q90: dict[int, float] = {}
+
+    @staticmethod
+    def _quantile90(values) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
     def observe(self, seq: Sequence) -> None:
         if seq.max_tokens > 0:
-            self.ratios.append(seq.num_output_tokens / seq.max_tokens)
+            ratio = seq.num_output_tokens / seq.max_tokens
+            self.ratios.append(ratio)
             if len(self.ratios) >= self.MIN_HISTORY:
-                ordered = sorted(self.ratios)
-                self._q90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+                self._q90 = self._quantile90(self.ratios)
+            group = self.group_ratios.setdefault(seq.group, deque(maxlen=self.WINDOW))
+            group.append(ratio)
+            if len(group) >= self.MIN_GROUP_HISTORY:
+                self._group_q90[seq.group] = self._quantile90(group)
+
+    def forget_group(self, group: int) -> None:
+        """Drops a finished group's history (its leaves will not be estimated again)."""
+        self.group_ratios.pop(group, None)
+        self._group_q90.pop(group, None)
 
     def final_len(self, seq: Sequence) -> int:
         """Expected total tokens of `seq` when it finishes (prompt + output)."""
         if seq.is_node:
             return seq.num_tokens
         out = seq.max_tokens
-        if self.mode == "history" and len(self.ratios) >= self.MIN_HISTORY:
-            out = min(seq.max_tokens, max(seq.num_output_tokens + 1, int(seq.max_tokens * self._q90 + 0.999)))
+        if self.mode == "history":
+            q90 = self._group_q90.get(seq.group)
+            if q90 is None and len(self.ratios) >= self.MIN_HISTORY:
+                q90 = self._q90
+            if q90 is not None:
+                out = min(seq.max_tokens, max(seq.num_output_tokens + 1, int(seq.max_tokens * q90 + 0.999)))
         return seq.num_prompt_tokens + out
 
 
@@ -359,6 +382,8 @@ class Scheduler:
         seq.blocks = []
         seq.status = Status.FINISHED
         self.estimator.observe(seq)
+        if seq.parent is None:  # a group of one
+            self.estimator.forget_group(seq.group)
         node = seq.parent
         while node is not None:
             node.pending_children -= 1
@@ -372,4 +397,6 @@ class Scheduler:
                 self.remove_queued(node)
             self._unreserve(node)
             node.status = Status.FINISHED
+            if node.parent is None:  # the group's last request finished
+                self.estimator.forget_group(seq.group)
             node = node.parent

@@ -222,3 +222,51 @@ def test_a_new_group_waits_until_started_groups_fit_with_all_their_members():
     while sched.has_work():
         step(sched)
     assert sched.num_preemptions == 0 and sched.pool.num_free == 14
+
+
+def _finished(i, group, out_tokens, max_tokens=100):
+    s = Sequence(i, list(range(100, 110)) + [7] * out_tokens, 0, None, is_node=False, request_index=i,
+                 max_tokens=max_tokens, group=group)
+    s.num_prompt_tokens = 10
+    return s
+
+
+def test_decode_estimate_learns_per_group_then_falls_back_to_global():
+    from batchllm.scheduler import DecodeEstimator
+
+    est = DecodeEstimator("history")
+    probe_a = Sequence(900, list(range(10)), 0, None, is_node=False, max_tokens=100, group=1)
+    probe_b = Sequence(901, list(range(10)), 0, None, is_node=False, max_tokens=100, group=2)
+    assert est.final_len(probe_a) == 10 + 100  # no history: trust max_tokens
+    for i, out in enumerate([10, 20, 30]):
+        est.observe(_finished(i, 1, out))
+    assert est.final_len(probe_a) == 110  # 3 < MIN_GROUP_HISTORY finished in group 1
+    est.observe(_finished(3, 1, 40))
+    assert est.final_len(probe_a) == 10 + 40  # q90 of group 1's ratios (.1 .2 .3 .4) x 100
+    assert est.final_len(probe_b) == 110  # group 2 has no history, the global one has only 4 entries
+    for i in range(12):
+        est.observe(_finished(10 + i, 3 + i, 80))  # 12 groups of one, ratio .8
+    assert est.final_len(probe_b) == 10 + 80  # global q90 over 16 finished leaves
+    assert est.final_len(probe_a) == 10 + 40  # its own group still wins
+    est.forget_group(1)
+    assert est.final_len(probe_a) == 10 + 80 and 1 not in est.group_ratios
+
+
+def test_group_history_is_dropped_when_the_group_ends():
+    sched = make_sched(policy="batchllm", blocks=40, bs=4, budget=64, estimate="history")
+    root = node(0, 8)
+    kids = [leaf(1 + i, 10, max_tokens=1 + i, parent=root) for i in range(5)]  # they finish one step apart
+    for k in kids:
+        k.group = 0
+    alone = leaf(6, 5, max_tokens=2)
+    alone.group = 1
+    sched.add([root, alone])
+    finished, kept = [], []
+    while len(finished) < 6:
+        finished += step(sched)[1]
+        kids_done = sum(1 for k in kids if k.seq_id in finished)
+        if 0 < kids_done < 5:
+            kept.append((kids_done, len(sched.estimator.group_ratios.get(0, ()))))
+    assert kept == [(1, 1), (2, 2), (3, 3), (4, 4)]  # the group's history grows while the group runs
+    assert sched.estimator.group_ratios == {} and sched.estimator._group_q90 == {}
+    assert len(sched.estimator.ratios) == 6
