@@ -211,6 +211,16 @@ inline int64_t small_rows_limit() {
   return limit;
 }
 
+// Everything a task reads (and the outputs it writes), as passed to `attention`.
+struct Args {
+  const at::BFloat16 *q, *kv;
+  const int64_t *q_ptr, *q_rows, *kv_ptr, *kv_slots, *kv_start, *q_pos;
+  int64_t H, QS, KVH, D, S, window;
+  float scale;
+  const at::BFloat16* zero_row;  // D zeros: stands in for the keys past a block's end
+  float *out, *lse;
+};
+
 struct Task {
   int64_t part, head, row0, nrows;
 };
@@ -247,10 +257,9 @@ inline void interleave(__m512i a, __m512i b, __m512i& lo, __m512i& hi) {
   hi = _mm512_permutex2var_epi16(a, _mm512_load_si512(idx_hi), b);
 }
 
-void run_task(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_ptr,
-              const int64_t* q_rows, const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start,
-              const int64_t* q_pos, int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
-              const at::BFloat16* zero_row, float* out, float* lse) {
+void run_task(const Task& t, Buffers& B, const Args& a) {
+  const auto& [q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale, zero_row, out,
+               lse] = a;
   const int64_t G = H / KVH, P2 = D / 2, h = t.head;
   const int64_t q0 = q_ptr[t.part], k0 = kv_ptr[t.part], nk = kv_ptr[t.part + 1] - k0;
   const int64_t first = kv_start[t.part];
@@ -470,10 +479,9 @@ inline void transpose16(__m512i v[16]) {
 }
 
 template <int NR>
-void run_small(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_ptr,
-               const int64_t* q_rows, const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start,
-               const int64_t* q_pos, int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
-               const at::BFloat16* zero_row, float* out, float* lse) {
+void run_small(const Task& t, Buffers& B, const Args& a) {
+  const auto& [q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale, zero_row, out,
+               lse] = a;
   const int64_t G = H / KVH, P2 = D / 2, h = t.head;
   const int64_t q0 = q_ptr[t.part], k0 = kv_ptr[t.part], nk = kv_ptr[t.part + 1] - k0;
   const int64_t first = kv_start[t.part];
@@ -585,9 +593,7 @@ void run_small(const Task& t, Buffers& B, const at::BFloat16* q, const at::BFloa
   }
 }
 
-using SmallFn = void (*)(const Task&, Buffers&, const at::BFloat16*, const at::BFloat16*, const int64_t*,
-                         const int64_t*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, int64_t,
-                         int64_t, int64_t, int64_t, int64_t, int64_t, float, const at::BFloat16*, float*, float*);
+using SmallFn = void (*)(const Task&, Buffers&, const Args&);
 constexpr int64_t SMALL_MAX_ROWS = 8;
 constexpr SmallFn SMALL_FNS[SMALL_MAX_ROWS + 1] = {nullptr, run_small<1>, run_small<2>, run_small<3>, run_small<4>,
                                                   run_small<5>, run_small<6>, run_small<7>, run_small<8>};
@@ -612,6 +618,8 @@ void attention(const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_p
   auto work = [&](const Task& t) { return t.nrows * (t.head < 0 ? KVH : 1) * (kv_ptr[t.part + 1] - kv_ptr[t.part]); };
   std::sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) { return work(a) > work(b); });
   std::vector<at::BFloat16> zero_row(D, at::BFloat16(0.f));
+  const Args args{q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale,
+                  zero_row.data(), out, lse};
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
 #pragma omp parallel
   {
@@ -620,12 +628,9 @@ void attention(const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_p
     for (int64_t i = 0; i < n_tasks; ++i) {
       const Task& t = tasks[i];
       if (t.head < 0) {  // a few rows: padding them to 16 lanes would waste the work
-        for (int64_t h = 0; h < KVH; ++h)
-          SMALL_FNS[t.nrows](Task{t.part, h, 0, t.nrows}, B, q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos,
-                             H, QS, KVH, D, S, window, scale, zero_row.data(), out, lse);
+        for (int64_t h = 0; h < KVH; ++h) SMALL_FNS[t.nrows](Task{t.part, h, 0, t.nrows}, B, args);
       } else {
-        run_task(t, B, q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale,
-                 zero_row.data(), out, lse);
+        run_task(t, B, args);
       }
     }
   }
