@@ -257,6 +257,29 @@ inline void interleave(__m512i a, __m512i b, __m512i& lo, __m512i& hi) {
   hi = _mm512_permutex2var_epi16(a, _mm512_load_si512(idx_hi), b);
 }
 
+// Row pointers of the n keys j0 .. j0 + n - 1 of a part (zero rows past j_end) for head h, and a prefetch of the
+// next n keys' rows: decodes read each key once, so the fetch overlaps this block's work.
+inline void block_rows(const Args& a, int64_t h, int64_t k0, int64_t j0, int64_t j_end, int64_t n,
+                       const at::BFloat16** krow, const at::BFloat16** vrow) {
+  const int64_t row = a.KVH * a.D, v_offset = a.S * row;
+  for (int64_t b = 0; b < n; ++b) {
+    if (j0 + b < j_end) {
+      const int64_t slot = a.kv_slots[k0 + j0 + b];
+      krow[b] = a.kv + slot * row + h * a.D;
+      vrow[b] = a.kv + v_offset + slot * row + h * a.D;
+    } else {
+      krow[b] = vrow[b] = a.zero_row;
+    }
+  }
+  for (int64_t b = 0; b < n && j0 + n + b < j_end; ++b) {
+    const int64_t slot = a.kv_slots[k0 + j0 + n + b];
+    for (int64_t off = 0; off < a.D * 2; off += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(a.kv + slot * row + h * a.D) + off, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(a.kv + v_offset + slot * row + h * a.D) + off, _MM_HINT_T0);
+    }
+  }
+}
+
 void run_task(const Task& t, Buffers& B, const Args& a) {
   const auto& [q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale, zero_row, out,
                lse] = a;
@@ -264,7 +287,6 @@ void run_task(const Task& t, Buffers& B, const Args& a) {
   const int64_t q0 = q_ptr[t.part], k0 = kv_ptr[t.part], nk = kv_ptr[t.part + 1] - k0;
   const int64_t first = kv_start[t.part];
   const int64_t R = t.nrows, tiles = (R + 15) / 16, RP = tiles * 16;
-  const int64_t v_offset = S * KVH * D;
   constexpr int32_t NOPOS = std::numeric_limits<int32_t>::min() / 2;
 
   // Queries as pairs, transposed into lanes; positions and the lowest visible key position of every row.
@@ -299,22 +321,7 @@ void run_task(const Task& t, Buffers& B, const Args& a) {
   const at::BFloat16* vrow[KB];
   for (int64_t j0 = j_begin; j0 < j_end; j0 += KB) {
     const int64_t nb = std::min<int64_t>(KB, j_end - j0);
-    for (int64_t b = 0; b < KB; ++b) {
-      if (b < nb) {
-        const int64_t slot = kv_slots[k0 + j0 + b];
-        krow[b] = kv + (slot * KVH + h) * D;
-        vrow[b] = kv + v_offset + (slot * KVH + h) * D;
-      } else {
-        krow[b] = vrow[b] = zero_row;
-      }
-    }
-    for (int64_t b = 0; b < KB && j0 + KB + b < j_end; ++b) {  // the next block's rows, while this one computes
-      const int64_t slot = kv_slots[k0 + j0 + KB + b];
-      for (int64_t off = 0; off < D * 2; off += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(kv + (slot * KVH + h) * D) + off, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(kv + v_offset + (slot * KVH + h) * D) + off, _MM_HINT_T0);
-      }
-    }
+    block_rows(a, h, k0, j0, j_end, KB, krow, vrow);
     // V as key pairs.
     const int64_t npairs = (nb + 1) / 2;
     for (int64_t j = 0; j < npairs; ++j) {
@@ -485,7 +492,6 @@ void run_small(const Task& t, Buffers& B, const Args& a) {
   const int64_t G = H / KVH, P2 = D / 2, h = t.head;
   const int64_t q0 = q_ptr[t.part], k0 = kv_ptr[t.part], nk = kv_ptr[t.part + 1] - k0;
   const int64_t first = kv_start[t.part];
-  const int64_t v_offset = S * KVH * D;
   const int32_t* qrow[NR];
   int64_t qpos[NR], lo[NR];
   float m[NR], l[NR], corr[NR];
@@ -512,25 +518,7 @@ void run_small(const Task& t, Buffers& B, const Args& a) {
   for (int64_t j0 = j_begin; j0 < j_end; j0 += SMALL_KB) {
     const int64_t nb = std::min<int64_t>(SMALL_KB, j_end - j0);
     const at::BFloat16* krow[SMALL_KB];
-    for (int64_t b = 0; b < SMALL_KB; ++b) {
-      if (b < nb) {
-        const int64_t slot = kv_slots[k0 + j0 + b];
-        krow[b] = kv + (slot * KVH + h) * D;
-        vrow[b] = kv + v_offset + (slot * KVH + h) * D;
-      } else {
-        krow[b] = vrow[b] = zero_row;
-      }
-    }
-    // Decodes read each key once: fetch the next block's rows while this one is computed.
-    for (int64_t b = 0; b < SMALL_KB && j0 + SMALL_KB + b < j_end; ++b) {
-      const int64_t slot = kv_slots[k0 + j0 + SMALL_KB + b];
-      const char* kr = reinterpret_cast<const char*>(kv + (slot * KVH + h) * D);
-      const char* vr = reinterpret_cast<const char*>(kv + v_offset + (slot * KVH + h) * D);
-      for (int64_t off = 0; off < D * 2; off += 64) {
-        _mm_prefetch(kr + off, _MM_HINT_T0);
-        _mm_prefetch(vr + off, _MM_HINT_T0);
-      }
-    }
+    block_rows(a, h, k0, j0, j_end, SMALL_KB, krow, vrow);
     for (int64_t c = 0; c < P2; c += 16) {  // 16 dim pairs (32 dims) of the 16 keys at a time
       __m512i v[16];
       for (int b = 0; b < 16; ++b) v[b] = _mm512_loadu_si512(reinterpret_cast<const int32_t*>(krow[b]) + c);
