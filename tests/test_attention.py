@@ -280,7 +280,7 @@ def _bf16_steps() -> dict[str, tuple[Step, int, int, int | None]]:
     }
 
 
-@pytest.mark.parametrize("d", [32, 64])
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
 @pytest.mark.parametrize("case", list(_bf16_steps()))
 def test_bf16_matches_exact_attention_over_bf16_inputs(case, d):
     """bf16 inputs: the output is within bf16 rounding of exact (float64) attention over the same values. The
