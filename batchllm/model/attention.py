@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from batchllm.model.cpu_kernels import load_cpu_kernels, load_ragged_attention
+from batchllm.model.cpu_kernels import has_bf16_kernels, load_cpu_kernels, load_ragged_attention
 
 # Default cap on the padded key slots (bucket batch x keys) gathered by one attention call; bigger buckets are split.
 # It bounds the temporary K/V copy (e.g. 2^17 slots x 4 KV heads x 64 x bf16 x 2 = 128 MiB).
@@ -162,7 +162,7 @@ class AttentionMetadata:
         live = [p for p in parts if len(p.q_rows) > 0 and p.kv_len > 0]
         if ragged_max_queries is None:
             ragged_max_queries = RAGGED_MAX_QUERIES if device.type == "cpu" and load_ragged_attention() else 0
-            if dtype == torch.bfloat16 and ragged_max_queries > 0:
+            if dtype == torch.bfloat16 and ragged_max_queries > 0 and has_bf16_kernels():
                 ragged_max_queries = num_tokens
         small = [p for p in live if len(p.q_rows) <= ragged_max_queries]
         live = [p for p in live if len(p.q_rows) > ragged_max_queries]
@@ -363,7 +363,7 @@ def paged_attention(
         qk = q if q.stride(2) == 1 and q.stride(1) == d else q.contiguous()  # rows may be strided (views of qkv)
         out, lse = kernel(qk, kv_cache.view(2, -1, n_kv, d), r.q_ptr, r.q_rows, r.kv_ptr, r.kv_slots,
                           r.kv_start, r.q_pos, meta.window, scale)  # [NQ, H, D] fp32, [NQ, H] fp32
-        if not outs and not meta.single_cover and q.dtype == torch.bfloat16:  # the kernel's rows alone: fused merge
+        if not outs and not meta.single_cover and q.dtype == torch.bfloat16 and has_bf16_kernels():  # fused merge
             return load_cpu_kernels().merge(out, lse, meta.merge_index)  # [T, H, D] bf16
         outs.append(out.to(q.dtype))
         lses.append(lse)

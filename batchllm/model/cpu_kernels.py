@@ -46,11 +46,16 @@ def load_ragged_attention():
     return None if module is None else module.ragged_attention
 
 
+def has_bf16_kernels() -> bool:
+    """Whether the AVX512-BF16 kernels were built: the bf16 attention path for every part and the fused ops."""
+    module = load_cpu_kernels()
+    return module is not None and module.fused_ops_available()
+
+
 def load_fused_ops(dtype, device):
     """The compiled module when its fused element-wise ops apply (bf16 on a CPU with AVX512-BF16), else None."""
     import torch
 
     if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
         return None
-    module = load_cpu_kernels()
-    return module if module is not None and module.fused_ops_available() else None
+    return load_cpu_kernels() if has_bf16_kernels() else None
