@@ -437,3 +437,23 @@ def test_strided_query_rows(dtype):
     out = paged_attention(q, k, v, cache.clone(), meta, d**-0.5)
     expect = paged_attention(q.contiguous(), k.contiguous(), v.contiguous(), cache.clone(), meta, d**-0.5)
     assert torch.equal(out, expect)
+
+
+def test_bf16_without_the_avx512_kernels_uses_torch_for_large_parts(monkeypatch):
+    """On a CPU without AVX512-BF16 the bf16 path routes as fp32 does: large parts to torch's fused kernel, and the
+    merge in torch."""
+    step = group_step(15, 53)
+    step.seq(30, 30)
+    parts, positions, slots, _ = step.pack()
+    if attn_mod.load_ragged_attention() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    monkeypatch.setattr(attn_mod, "RAGGED_MAX_QUERIES", 8)  # the default routing, whichever path the fixture set
+    monkeypatch.setattr(attn_mod, "has_bf16_kernels", lambda: False)
+    meta = AttentionMetadata.build(parts, positions, slots, step.block_size, CPU, dtype=torch.bfloat16)
+    assert sum(b.batch * b.q_len for b in meta.buckets) >= 30  # the 30-query prefill and the prefixes' queries
+    out, ref, _ = run_case(step, 8, 2, dtype=torch.bfloat16)
+    assert (out.double() - ref).abs().max().item() < 1e-2
+    monkeypatch.setattr(attn_mod, "has_bf16_kernels", lambda: True)
+    if attn_mod.load_cpu_kernels().fused_ops_available():
+        meta = AttentionMetadata.build(parts, positions, slots, step.block_size, CPU, dtype=torch.bfloat16)
+        assert meta.buckets == []  # every part in our kernel
