@@ -134,7 +134,10 @@ void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::
   const int64_t* pslot = slots.data_ptr<int64_t>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
-  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(pslot[t] < S, "cache slot out of range");
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(pslot[t] < S, "cache slot out of range");
+    TORCH_CHECK(ppos[t] >= 0 && ppos[t] < cos.size(0), "position outside the rotary table");
+  }
   at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const bf16* c = pc + ppos[t] * D;
