@@ -138,3 +138,18 @@ def test_bf16_engine_matches_hf_fp32_within_bf16_noise(tmp_path_factory, tokeniz
     errors.sort()
     assert errors[-1] < 0.15 and errors[len(errors) // 2] < 0.04, errors
     assert checked >= 20  # most steps have a clear winner
+
+
+def test_a_stale_torch_build_lock_does_not_hang_the_next_load():
+    """torch's extension loader waits for its lock file to go away; a process killed inside it (a Ray worker, a
+    kill -9) leaves the file behind. The next load must clear it instead of waiting forever."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cache = Path(os.environ.get("BATCHLLM_CACHE", Path.home() / ".cache" / "batchllm")) / "torch_extensions"
+    (cache / "lock").touch()  # what the killed process left
+    code = "from batchllm.model.cpu_kernels import load_cpu_kernels; assert load_cpu_kernels() is not None"
+    subprocess.run([sys.executable, "-c", code], timeout=300, check=True)
+    assert not (cache / "lock").exists()

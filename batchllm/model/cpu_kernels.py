@@ -24,6 +24,8 @@ def load_cpu_kernels():
     if os.environ.get("BATCHLLM_NO_CPP") == "1":
         return None
     try:
+        import fcntl
+
         from torch.utils.cpp_extension import load
 
         cache = Path(os.environ.get("BATCHLLM_CACHE", Path.home() / ".cache" / "batchllm")) / "torch_extensions"
@@ -31,9 +33,15 @@ def load_cpu_kernels():
         # torch rebuilds when the sources or flags change; the headers' hash in a flag covers header edits too
         header_hash = hashlib.sha1(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:12]
         flags = ["-O3", "-fopenmp", "-march=native", "-ffast-math", f"-DBATCHLLM_HEADERS={header_hash}"]
-        return load(name="batchllm_cpu_kernels", sources=[str(s) for s in _SOURCES], extra_cflags=flags,
-                    extra_include_paths=[str(_CSRC)],
-                    extra_ldflags=["-fopenmp"], build_directory=str(cache), verbose=False)
+        with open(cache / "batchllm.lock", "w") as lock:
+            # torch serialises builds with a lock file that a process killed mid-load leaves behind, and every later
+            # load then waits for it forever. Our flock dies with its holder; while we hold it no other batchllm
+            # process is inside load(), so a torch lock file present now is stale.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            (cache / "lock").unlink(missing_ok=True)
+            return load(name="batchllm_cpu_kernels", sources=[str(s) for s in _SOURCES], extra_cflags=flags,
+                        extra_include_paths=[str(_CSRC)], extra_ldflags=["-fopenmp"], build_directory=str(cache),
+                        verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: fall back, loudly once
         print(f"batchllm: the CPU kernels could not be built ({e}); using the slower torch path", file=sys.stderr)
         warnings.warn(f"batchllm CPU kernels unavailable: {e}", stacklevel=2)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from batchllm.config import ModelConfig
 from batchllm.model.attention import AttentionMetadata, paged_attention
-from batchllm.model.cpu_kernels import load_fused_ops
+from batchllm.model.cpu_kernels import load_cpu_kernels, load_fused_ops
 from batchllm.model.layers import RotaryTable, add_rms_norm, apply_rotary, gated_mlp, rms_norm
 
 
@@ -64,8 +64,11 @@ class LlamaModel(torch.nn.Module):
             torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
         self.rotary = RotaryTable(cfg.rope, cfg.head_dim, cfg.max_model_len, dtype, device)
         self.scale = cfg.head_dim ** -0.5
-        # bf16 on CPU: fused C++ element-wise ops (norms, residual adds, rotary + cache write, SiLU * up).
+        # bf16 on CPU: fused C++ element-wise ops (norms, residual adds, rotary + cache write, SiLU * up). On CPU the
+        # kernels are built (first use on this machine) or loaded here, not in the first step.
         self.kernels = load_fused_ops(dtype, device)
+        if torch.device(device).type == "cpu":
+            load_cpu_kernels()
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
