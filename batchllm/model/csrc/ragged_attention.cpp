@@ -230,8 +230,8 @@ struct Buffers {
   std::vector<float> st, acc, m, l, c;
   std::vector<uint8_t> active;
   std::vector<int32_t> tmax;
-  Buffers(int64_t D) {
-    const int64_t R = TASK_ROWS;
+  Buffers(int64_t D, int64_t KVH) {
+    const int64_t R = std::max(TASK_ROWS, KVH * 8);  // run_task's rows, or run_small's rows of every KV head
     qp.resize(R * D / 2);
     pp.resize(KB / 2 * R + 16 * 8);
     vp.resize(KB / 2 * D);
@@ -461,124 +461,164 @@ void run_task(const Task& t, Buffers& B, const Args& a) {
   }
 }
 
-// Few rows (decodes): keys in the lanes instead. 16 keys are transposed into Kt [D/2][16] (pairs of dims), so a
-// row's 16 scores are D/2 vdpbf16ps with the row's query pair broadcast; the softmax max and sum are reductions over
-// the 16 lanes. P V is as in run_task, with the probabilities of a row as 8 key pairs.
+// Few rows (decodes): keys in the lanes instead, and one task covers every KV head of its part, so the part's K/V
+// blocks stream from memory once, in order. A row's product with each of 16 keys is a few vdpbf16ps over the key's
+// own cache row (no packing), and one reduction tree turns the 16 partial-sum vectors into the 16 scores (lane b =
+// key b). The softmax max and sum are reductions over the 16 lanes. P V pairs keys as in run_task, but the pairs
+// come from in-lane unpacks, so the accumulators hold a fixed permutation of the dims (undone at the end):
+//
+//   acc[h][r][2c]     lane 4L + i  <->  dim 32c + 8L + i        (L = 128-bit lane 0..3, i = 0..3)
+//   acc[h][r][2c + 1] lane 4L + i  <->  dim 32c + 8L + 4 + i
 constexpr int64_t SMALL_KB = 16;
 
-// In-register transpose of 16 x 16 dwords: four rounds, each swapping the off-diagonal sub-blocks of size k.
-inline void transpose16(__m512i v[16]) {
-  alignas(64) static const int32_t idx[4][2][16] = {
-      {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
-      {{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}, {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}},
-      {{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}, {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}},
-      {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}, {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}}};
-  int round = 0;
-  for (int k = 8; k >= 1; k /= 2, ++round) {
-    const __m512i lo = _mm512_load_si512(idx[round][0]), hi = _mm512_load_si512(idx[round][1]);
-    for (int i = 0; i < 16; ++i) {
-      if (i & k) continue;
-      const __m512i a = v[i], b = v[i + k];
-      v[i] = _mm512_permutex2var_epi32(a, lo, b);
-      v[i + k] = _mm512_permutex2var_epi32(a, hi, b);
-    }
+// Lane b of the result is the sum of the 16 lanes of t[b].
+inline __m512 hsum16(const __m512 t[16]) {
+  __m512 u[8], v[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3) of keys a = 2i, b = 2i + 1
+    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(t[2 * i], t[2 * i + 1]), _mm512_unpackhi_ps(t[2 * i], t[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: keys 4i .. 4i + 3, summed over that lane's 4 floats
+    const __m512d a = _mm512_castps_pd(u[2 * i]), b = _mm512_castps_pd(u[2 * i + 1]);
+    v[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
   }
+  constexpr int EVEN = _MM_SHUFFLE(2, 0, 2, 0), ODD = _MM_SHUFFLE(3, 1, 3, 1);
+  const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], EVEN), _mm512_shuffle_f32x4(v[0], v[1], ODD));
+  const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], EVEN), _mm512_shuffle_f32x4(v[2], v[3], ODD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, EVEN), _mm512_shuffle_f32x4(x01, x23, ODD));
 }
 
+// Part t.part for every KV head; NR rows per head (queries x heads of the GQA group).
 template <int NR>
 void run_small(const Task& t, Buffers& B, const Args& a) {
   const auto& [q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale, zero_row, out,
                lse] = a;
-  const int64_t G = H / KVH, P2 = D / 2, h = t.head;
+  const int64_t G = H / KVH, DC = D / 32;  // DC: chunks of 32 dims (one register of bf16)
   const int64_t q0 = q_ptr[t.part], k0 = kv_ptr[t.part], nk = kv_ptr[t.part + 1] - k0;
   const int64_t first = kv_start[t.part];
-  const int32_t* qrow[NR];
-  int64_t qpos[NR], lo[NR];
-  float m[NR], l[NR], corr[NR];
+  int64_t qrow[NR], qpos[NR], lo[NR];  // row r is query r / G, head-in-group r % G
   int64_t max_qp = -1, min_lo = std::numeric_limits<int64_t>::max();
   for (int r = 0; r < NR; ++r) {
-    const int64_t i = (t.row0 + r) / G, g = (t.row0 + r) % G;
-    const int64_t row = q_rows[q0 + i];
-    qrow[r] = reinterpret_cast<const int32_t*>(q + row * QS + (h * G + g) * D);
+    const int64_t row = q_rows[q0 + r / G];
+    qrow[r] = row * QS + (r % G) * D;  // + h * G * D for KV head h
     qpos[r] = q_pos[row];
     lo[r] = window > 0 ? qpos[r] - window + 1 : 0;
     max_qp = std::max(max_qp, qpos[r]);
     min_lo = std::min(min_lo, lo[r]);
-    m[r] = NEG;
-    l[r] = 0.f;
   }
-  float* acc = B.acc.data();  // [NR][D]
-  std::fill(acc, acc + NR * D, 0.f);
-  int32_t* kt = B.qp.data();  // [D/2][16] transposed key pairs
-  int32_t* vp = B.vp.data();  // [8][D] value pairs
+  float* m = B.m.data();      // [KVH][NR]
+  float* l = B.l.data();      // [KVH][NR]
+  float* acc = B.acc.data();  // [KVH][NR][2 DC][16], dims permuted as above
+  std::fill(m, m + KVH * NR, NEG);
+  std::fill(l, l + KVH * NR, 0.f);
+  std::fill(acc, acc + KVH * NR * D, 0.f);
+  int32_t* pp = B.pp.data();  // [NR][8] probability pairs of the block
   const int64_t j_begin = std::max<int64_t>(0, min_lo - first) / SMALL_KB * SMALL_KB;
   const int64_t j_end = std::min<int64_t>(nk, max_qp - first + 1);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const at::BFloat16* vrow[SMALL_KB];
+  const __m512 vscale = _mm512_set1_ps(scale), vneg = _mm512_set1_ps(NEG);
+  const int64_t row_len = KVH * D, v_offset = S * row_len;
   for (int64_t j0 = j_begin; j0 < j_end; j0 += SMALL_KB) {
     const int64_t nb = std::min<int64_t>(SMALL_KB, j_end - j0);
-    const at::BFloat16* krow[SMALL_KB];
-    block_rows(a, h, k0, j0, j_end, SMALL_KB, krow, vrow);
-    for (int64_t c = 0; c < P2; c += 16) {  // 16 dim pairs (32 dims) of the 16 keys at a time
-      __m512i v[16];
-      for (int b = 0; b < 16; ++b) v[b] = _mm512_loadu_si512(reinterpret_cast<const int32_t*>(krow[b]) + c);
-      transpose16(v);
-      for (int w = 0; w < 16; ++w) _mm512_storeu_si512(kt + (c + w) * 16, v[w]);
+    // Slot rows of this block (all heads); a prefetch of the next block's rows overlaps this block's work.
+    const at::BFloat16* krow0[SMALL_KB];
+    const at::BFloat16* vrow0[SMALL_KB];
+    for (int64_t b = 0; b < SMALL_KB; ++b) {
+      const bool in = b < nb;
+      const int64_t slot = in ? kv_slots[k0 + j0 + b] : 0;
+      krow0[b] = in ? kv + slot * row_len : nullptr;
+      vrow0[b] = in ? kv + v_offset + slot * row_len : nullptr;
     }
-    __m512 s[NR];
-    for (int r = 0; r < NR; ++r) s[r] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < P2; ++p) {
-      const __m512i kv_p = _mm512_loadu_si512(kt + p * 16);
-      for (int r = 0; r < NR; ++r) s[r] = dp(s[r], kv_p, _mm512_set1_epi32(qrow[r][p]));
+    for (int64_t b = j0 + SMALL_KB; b < std::min(j_end, j0 + 2 * SMALL_KB); ++b) {
+      const char* kr = reinterpret_cast<const char*>(kv + kv_slots[k0 + b] * row_len);
+      for (int64_t off = 0; off < row_len * 2; off += 64) {
+        _mm_prefetch(kr + off, _MM_HINT_T0);
+        _mm_prefetch(kr + v_offset * 2 + off, _MM_HINT_T0);
+      }
     }
     const __m512i kpos = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first + j0)), iota);
     const __mmask16 valid = static_cast<__mmask16>((1u << nb) - 1u);
+    __mmask16 vis[NR];
     bool any = false;
     for (int r = 0; r < NR; ++r) {
-      const __mmask16 vis = valid & _mm512_cmp_epi32_mask(kpos, _mm512_set1_epi32(static_cast<int32_t>(qpos[r])), _MM_CMPINT_LE) &
-                            _mm512_cmp_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(lo[r])), kpos, _MM_CMPINT_LE);
-      if (!vis) {  // nothing visible to this row here: no change
-        corr[r] = 1.f;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(B.pp.data() + r * 8), _mm256_setzero_si256());
-        continue;
-      }
-      any = true;
-      const __m512 sc = _mm512_mask_blend_ps(vis, _mm512_set1_ps(NEG), _mm512_mul_ps(s[r], _mm512_set1_ps(scale)));
-      const float m_new = std::max(m[r], _mm512_reduce_max_ps(sc));
-      const __m512 pr = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
-      corr[r] = std::exp(m[r] - m_new);
-      l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(pr);
-      m[r] = m_new;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(B.pp.data() + r * 8), (__m256i)_mm512_cvtneps_pbh(pr));
+      vis[r] = valid & _mm512_cmp_epi32_mask(kpos, _mm512_set1_epi32(static_cast<int32_t>(qpos[r])), _MM_CMPINT_LE) &
+               _mm512_cmp_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(lo[r])), kpos, _MM_CMPINT_LE);
+      any |= vis[r] != 0;
     }
     if (!any) continue;
     const int64_t npairs = (nb + 1) / 2;
-    for (int64_t j = 0; j < npairs; ++j) {
-      for (int64_t d = 0; d < D; d += 32) {
-        __m512i vlo, vhi;
-        interleave(_mm512_loadu_si512(vrow[2 * j] + d), _mm512_loadu_si512(vrow[2 * j + 1] + d), vlo, vhi);
-        _mm512_storeu_si512(vp + j * D + d, vlo);
-        _mm512_storeu_si512(vp + j * D + d + 16, vhi);
+    for (int64_t h = 0; h < KVH; ++h) {
+      const at::BFloat16* krow[SMALL_KB];
+      const at::BFloat16* vrow[SMALL_KB];
+      for (int64_t b = 0; b < SMALL_KB; ++b) {
+        krow[b] = b < nb ? krow0[b] + h * D : zero_row;
+        vrow[b] = b < nb ? vrow0[b] + h * D : zero_row;
+      }
+      float* mh = m + h * NR;
+      float* lh = l + h * NR;
+      float* acch = acc + h * NR * D;
+      for (int r = 0; r < NR; ++r) {
+        if (!vis[r]) {  // nothing visible to this row here: no change
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp + r * 8), _mm256_setzero_si256());
+          continue;
+        }
+        const at::BFloat16* qr = q + qrow[r] + h * G * D;
+        __m512 part[SMALL_KB];
+        for (int b = 0; b < SMALL_KB; ++b) part[b] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < DC; ++c) {
+          const __m512i qc = _mm512_loadu_si512(qr + 32 * c);
+          for (int b = 0; b < SMALL_KB; ++b) part[b] = dp(part[b], _mm512_loadu_si512(krow[b] + 32 * c), qc);
+        }
+        const __m512 sc = _mm512_mask_blend_ps(vis[r], vneg, _mm512_mul_ps(hsum16(part), vscale));
+        const float bmax = _mm512_reduce_max_ps(sc);
+        if (bmax > mh[r]) {  // a new running max: rescale what was accumulated
+          const __m512 corr = exp512(_mm512_set1_ps(mh[r] - bmax));
+          lh[r] *= _mm512_cvtss_f32(corr);
+          for (int64_t c = 0; c < 2 * DC; ++c) {
+            float* ac = acch + (r * 2 * DC + c) * 16;
+            _mm512_storeu_ps(ac, _mm512_mul_ps(_mm512_loadu_ps(ac), corr));
+          }
+          mh[r] = bmax;
+        }
+        const __m512 pr = _mm512_maskz_mov_ps(vis[r], exp512(_mm512_sub_ps(sc, _mm512_set1_ps(mh[r]))));
+        lh[r] += _mm512_reduce_add_ps(pr);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp + r * 8), (__m256i)_mm512_cvtneps_pbh(pr));
+      }
+      for (int64_t c = 0; c < DC; ++c) {
+        __m512 a0[NR], a1[NR];
+        for (int r = 0; r < NR; ++r) {
+          a0[r] = _mm512_loadu_ps(acch + (r * 2 * DC + 2 * c) * 16);
+          a1[r] = _mm512_loadu_ps(acch + (r * 2 * DC + 2 * c + 1) * 16);
+        }
+        for (int64_t j = 0; j < npairs; ++j) {
+          const __m512i x = _mm512_loadu_si512(vrow[2 * j] + 32 * c), y = _mm512_loadu_si512(vrow[2 * j + 1] + 32 * c);
+          const __m512i vlo = _mm512_unpacklo_epi16(x, y), vhi = _mm512_unpackhi_epi16(x, y);
+          for (int r = 0; r < NR; ++r) {
+            const __m512i pr = _mm512_set1_epi32(pp[r * 8 + j]);
+            a0[r] = dp(a0[r], vlo, pr);
+            a1[r] = dp(a1[r], vhi, pr);
+          }
+        }
+        for (int r = 0; r < NR; ++r) {
+          _mm512_storeu_ps(acch + (r * 2 * DC + 2 * c) * 16, a0[r]);
+          _mm512_storeu_ps(acch + (r * 2 * DC + 2 * c + 1) * 16, a1[r]);
+        }
       }
     }
-    for (int64_t d = 0; d < D; d += 16) {
-      __m512 a[NR];
-      for (int r = 0; r < NR; ++r) a[r] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + d), _mm512_set1_ps(corr[r]));
-      for (int64_t j = 0; j < npairs; ++j) {
-        const __m512i vj = _mm512_loadu_si512(vp + j * D + d);
-        for (int r = 0; r < NR; ++r) a[r] = dp(a[r], vj, _mm512_set1_epi32(B.pp[r * 8 + j]));
-      }
-      for (int r = 0; r < NR; ++r) _mm512_storeu_ps(acc + r * D + d, a[r]);
+  }
+  for (int64_t h = 0; h < KVH; ++h)
+    for (int r = 0; r < NR; ++r) {
+      const int64_t head = h * G + r % G, hr = h * NR + r;
+      float* o = out + ((q0 + r / G) * H + head) * D;
+      const bool seen = l[hr] > 0.f;
+      const float inv = seen ? 1.f / l[hr] : 0.f;
+      const float* ar = acc + hr * D;
+      for (int64_t c = 0; c < DC; ++c)
+        for (int64_t lane = 0; lane < 16; ++lane) {
+          const int64_t dim = 32 * c + 8 * (lane / 4) + lane % 4;
+          o[dim] = ar[(2 * c) * 16 + lane] * inv;
+          o[dim + 4] = ar[(2 * c + 1) * 16 + lane] * inv;
+        }
+      lse[(q0 + r / G) * H + head] = seen ? m[hr] + std::log(l[hr]) : NEG;
     }
-  }
-  for (int r = 0; r < NR; ++r) {
-    const int64_t i = (t.row0 + r) / G, g = (t.row0 + r) % G, head = h * G + g;
-    float* o = out + ((q0 + i) * H + head) * D;
-    const bool seen = l[r] > 0.f;
-    const float inv = seen ? 1.f / l[r] : 0.f;
-    for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
-    lse[(q0 + i) * H + head] = seen ? m[r] + std::log(l[r]) : NEG;
-  }
 }
 
 using SmallFn = void (*)(const Task&, Buffers&, const Args&);
@@ -611,12 +651,12 @@ void attention(const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_p
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
 #pragma omp parallel
   {
-    Buffers B(D);
+    Buffers B(D, KVH);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_tasks; ++i) {
       const Task& t = tasks[i];
       if (t.head < 0) {  // a few rows: padding them to 16 lanes would waste the work
-        for (int64_t h = 0; h < KVH; ++h) SMALL_FNS[t.nrows](Task{t.part, h, 0, t.nrows}, B, args);
+        SMALL_FNS[t.nrows](t, B, args);
       } else {
         run_task(t, B, args);
       }
