@@ -280,6 +280,70 @@ inline void block_rows(const Args& a, int64_t h, int64_t k0, int64_t j0, int64_t
   }
 }
 
+// Scores of NT consecutive row tiles (16 rows each) against the block's keys, 8 keys at a time: NT x 8 accumulators,
+// so each broadcast key pair feeds NT products. Writes st[key][row], scaled, NEG where the key is not visible.
+template <int NT>
+inline void score_tiles(Buffers& B, int64_t tile, int64_t P2, const at::BFloat16* const* krow, int64_t nb,
+                        int32_t kpos0, int64_t RP, float scale) {
+  int32_t tmax = B.tmax[tile];
+  for (int u = 1; u < NT; ++u) tmax = std::max(tmax, B.tmax[tile + u]);
+  float* st = B.st.data();
+  for (int64_t b0 = 0; b0 < KB; b0 += 8) {
+    __m512 sc[NT][8];
+    const bool skip = b0 >= nb || kpos0 + b0 > tmax;  // every key here is past every row (or padding)
+    for (int u = 0; u < NT; ++u)
+      for (int k = 0; k < 8; ++k) sc[u][k] = _mm512_setzero_ps();
+    if (!skip) {
+      const int32_t* qt = B.qp.data() + tile * P2 * 16;
+      for (int64_t p = 0; p < P2; ++p) {
+        __m512i qv[NT];
+        for (int u = 0; u < NT; ++u) qv[u] = _mm512_loadu_si512(qt + u * P2 * 16 + p * 16);
+        for (int k = 0; k < 8; ++k) {
+          const __m512i kb = bcast_pair(krow[b0 + k], p);
+          for (int u = 0; u < NT; ++u) sc[u][k] = dp(sc[u][k], qv[u], kb);
+        }
+      }
+    }
+    for (int u = 0; u < NT; ++u) {
+      const int64_t lane0 = (tile + u) * 16;
+      const __m512i qpos = _mm512_loadu_si512(B.qpos.data() + lane0);
+      const __m512i lov = _mm512_loadu_si512(B.lo.data() + lane0);
+      for (int k = 0; k < 8; ++k) {
+        const __m512i kpv = _mm512_set1_epi32(kpos0 + static_cast<int32_t>(b0) + k);
+        __mmask16 vis = _mm512_cmp_epi32_mask(kpv, qpos, _MM_CMPINT_LE) & _mm512_cmp_epi32_mask(lov, kpv, _MM_CMPINT_LE);
+        if (skip || b0 + k >= nb) vis = 0;
+        _mm512_storeu_ps(st + (b0 + k) * RP + lane0,
+                         _mm512_mask_blend_ps(vis, _mm512_set1_ps(NEG), _mm512_mul_ps(sc[u][k], _mm512_set1_ps(scale))));
+      }
+    }
+  }
+}
+
+// acc[r0 .. r0 + NRW)[d0 .. d0 + 16 NC) = acc * corr + P V over the block's key pairs: NRW x NC accumulators stay in
+// registers, so each V load feeds NRW products and each broadcast probability pair NC.
+template <int NRW, int NC>
+inline void pv_block(Buffers& B, int64_t r0, int64_t d0, int64_t D, int64_t npairs, int64_t RP) {
+  __m512 a[NRW][NC];
+  for (int rr = 0; rr < NRW; ++rr) {
+    const __m512 cr = _mm512_set1_ps(B.c[r0 + rr]);
+    const float* arow = B.acc.data() + (r0 + rr) * D + d0;
+    for (int c = 0; c < NC; ++c) a[rr][c] = _mm512_mul_ps(_mm512_loadu_ps(arow + 16 * c), cr);
+  }
+  for (int64_t j = 0; j < npairs; ++j) {
+    __m512i v[NC];
+    for (int c = 0; c < NC; ++c) v[c] = _mm512_loadu_si512(B.vp.data() + j * D + d0 + 16 * c);
+    const int32_t* pj = B.pp.data() + j * RP + r0;
+    for (int rr = 0; rr < NRW; ++rr) {
+      const __m512i pr = _mm512_set1_epi32(pj[rr]);
+      for (int c = 0; c < NC; ++c) a[rr][c] = dp(a[rr][c], v[c], pr);
+    }
+  }
+  for (int rr = 0; rr < NRW; ++rr) {
+    float* arow = B.acc.data() + (r0 + rr) * D + d0;
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(arow + 16 * c, a[rr][c]);
+  }
+}
+
 void run_task(const Task& t, Buffers& B, const Args& a) {
   const auto& [q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale, zero_row, out,
                lse] = a;
@@ -343,54 +407,18 @@ void run_task(const Task& t, Buffers& B, const Args& a) {
       B.active[tile] = tmax >= kpos0 && tlo <= kpos0 + nb - 1;
       B.tmax[tile] = tmax;
     }
-    // Scores: two tiles (32 rows) x 8 keys at a time, so each broadcast key pair feeds two products.
-    float* st = B.st.data();
+    // Scores: up to three active tiles (48 rows) x 8 keys at a time (see score_tiles).
     for (int64_t tile = 0; tile < tiles;) {
-      if (!B.active[tile]) {
+      int64_t run = 0;  // consecutive active tiles from here
+      while (run < 3 && tile + run < tiles && B.active[tile + run]) ++run;
+      if (run == 0) {
         ++tile;
         continue;
       }
-      const int NT = tile + 1 < tiles && B.active[tile + 1] ? 2 : 1;
-      const int32_t tmax = NT == 2 ? std::max(B.tmax[tile], B.tmax[tile + 1]) : B.tmax[tile];
-      for (int64_t b0 = 0; b0 < KB; b0 += 8) {
-        __m512 sc[2][8];
-        const bool skip = b0 >= nb || kpos0 + b0 > tmax;  // every key here is past every row (or padding)
-        for (int k = 0; k < 8; ++k) sc[0][k] = sc[1][k] = _mm512_setzero_ps();
-        if (!skip) {
-          const int32_t* q0t = B.qp.data() + tile * P2 * 16;
-          if (NT == 2) {
-            const int32_t* q1t = q0t + P2 * 16;
-            for (int64_t p = 0; p < P2; ++p) {
-              const __m512i qv0 = _mm512_loadu_si512(q0t + p * 16), qv1 = _mm512_loadu_si512(q1t + p * 16);
-              for (int k = 0; k < 8; ++k) {
-                const __m512i kb = bcast_pair(krow[b0 + k], p);
-                sc[0][k] = dp(sc[0][k], qv0, kb);
-                sc[1][k] = dp(sc[1][k], qv1, kb);
-              }
-            }
-          } else {
-            for (int64_t p = 0; p < P2; ++p) {
-              const __m512i qv0 = _mm512_loadu_si512(q0t + p * 16);
-              for (int k = 0; k < 8; ++k) sc[0][k] = dp(sc[0][k], qv0, bcast_pair(krow[b0 + k], p));
-            }
-          }
-        }
-        for (int u = 0; u < NT; ++u) {
-          const int64_t lane0 = (tile + u) * 16;
-          const __m512i qpos = _mm512_loadu_si512(B.qpos.data() + lane0);
-          const __m512i lov = _mm512_loadu_si512(B.lo.data() + lane0);
-          for (int k = 0; k < 8; ++k) {
-            const int32_t kp = kpos0 + static_cast<int32_t>(b0) + k;
-            const __m512i kpv = _mm512_set1_epi32(kp);
-            __mmask16 vis = _mm512_cmp_epi32_mask(kpv, qpos, _MM_CMPINT_LE) &
-                            _mm512_cmp_epi32_mask(lov, kpv, _MM_CMPINT_LE);
-            if (skip || b0 + k >= nb) vis = 0;
-            _mm512_storeu_ps(st + (b0 + k) * RP + lane0,
-                             _mm512_mask_blend_ps(vis, _mm512_set1_ps(NEG), _mm512_mul_ps(sc[u][k], _mm512_set1_ps(scale))));
-          }
-        }
-      }
-      tile += NT;
+      if (run == 3) score_tiles<3>(B, tile, P2, krow, nb, kpos0, RP, scale);
+      if (run == 2) score_tiles<2>(B, tile, P2, krow, nb, kpos0, RP, scale);
+      if (run == 1) score_tiles<1>(B, tile, P2, krow, nb, kpos0, RP, scale);
+      tile += run;
     }
     for (int64_t tile = 0; tile < tiles; ++tile) {
       if (!B.active[tile]) continue;
@@ -419,33 +447,17 @@ void run_task(const Task& t, Buffers& B, const Args& a) {
       _mm512_storeu_ps(B.l.data() + tile * 16, sum);
       _mm512_storeu_ps(B.c.data() + tile * 16, corr);
     }
-    // acc = acc * corr + P V, 8 rows x 32 dims of accumulators in registers.
+    // acc = acc * corr + P V, in register blocks of NRW rows x NC chunks of 16 dims (see pv_block).
     for (int64_t tile = 0; tile < tiles; ++tile) {
       if (!B.active[tile]) continue;
-      for (int64_t r0 = tile * 16; r0 < tile * 16 + 16 && r0 < R; r0 += 8) {
-        for (int64_t d = 0; d < D; d += 32) {
-          __m512 a[8][2];
-          for (int rr = 0; rr < 8; ++rr) {
-            const __m512 cr = _mm512_set1_ps(B.c[r0 + rr]);
-            float* arow = B.acc.data() + (r0 + rr) * D + d;
-            a[rr][0] = _mm512_mul_ps(_mm512_loadu_ps(arow), cr);
-            a[rr][1] = _mm512_mul_ps(_mm512_loadu_ps(arow + 16), cr);
-          }
-          for (int64_t j = 0; j < npairs; ++j) {
-            const __m512i v0 = _mm512_loadu_si512(B.vp.data() + j * D + d);
-            const __m512i v1 = _mm512_loadu_si512(B.vp.data() + j * D + d + 16);
-            const int32_t* pj = B.pp.data() + j * RP + r0;
-            for (int rr = 0; rr < 8; ++rr) {
-              const __m512i pr = _mm512_set1_epi32(pj[rr]);
-              a[rr][0] = dp(a[rr][0], v0, pr);
-              a[rr][1] = dp(a[rr][1], v1, pr);
-            }
-          }
-          for (int rr = 0; rr < 8; ++rr) {
-            float* arow = B.acc.data() + (r0 + rr) * D + d;
-            _mm512_storeu_ps(arow, a[rr][0]);
-            _mm512_storeu_ps(arow + 16, a[rr][1]);
-          }
+      const int64_t r_end = std::min<int64_t>(R, tile * 16 + 16);
+      for (int64_t d = 0; d < D; d += 64) {
+        if (D - d >= 64) {
+          int64_t r0 = tile * 16;
+          for (; r0 + 6 <= r_end; r0 += 6) pv_block<6, 4>(B, r0, d, D, npairs, RP);
+          for (; r0 < r_end; r0 += 4) pv_block<4, 4>(B, r0, d, D, npairs, RP);  // rows past R: padding lanes
+        } else {
+          for (int64_t r0 = tile * 16; r0 < r_end; r0 += 8) pv_block<8, 2>(B, r0, d, D, npairs, RP);
         }
       }
     }
