@@ -71,7 +71,27 @@ class ModelRunner:
             positions=torch.from_numpy(positions).to(dev),  # [T]
             attn=meta,
             logits_rows=torch.tensor(logits_rows, dtype=torch.int64, device=dev),  # [B]
+            attn_last=self._logits_attention(parts, positions, np.asarray(logits_rows, dtype=np.int64)),
         )
+
+    def _logits_attention(self, parts: list[AttnPart], positions: np.ndarray,
+                          logits_rows: np.ndarray) -> AttentionMetadata | None:
+        """The step's attention restricted to `logits_rows` (renumbered 0 .. B-1, in that order), for the last layer;
+        None when every row is a logits row (pure decode), where the restriction saves nothing."""
+        num_tokens = positions.shape[0]
+        if logits_rows.shape[0] == num_tokens:
+            return None
+        renumber = np.full(num_tokens, -1, dtype=np.int64)  # [T] row -> its index among the logits rows, or -1
+        renumber[logits_rows] = np.arange(logits_rows.shape[0])
+        kept = []
+        for p in parts:
+            rows = renumber[p.q_rows]
+            rows = rows[rows >= 0]
+            if rows.shape[0]:
+                kept.append(AttnPart(rows, p.block_ids, p.kv_start, p.kv_len))
+        no_write = np.full(logits_rows.shape[0], -1, dtype=np.int64)  # the full step's metadata writes the K/V
+        return AttentionMetadata.build(kept, positions[logits_rows], no_write, self.kv.block_size, self.device,
+                                       sliding_window=self.model.cfg.sliding_window, dtype=self.model.dtype)
 
     def execute(self, plan: StepPlan, rows: list[SampleRow]) -> SampleResult | None:
         """Run the step's forward pass and sample one token for each of `rows` (the plan's sampling leaves)."""

@@ -13,19 +13,24 @@ import torch
 import torch.nn.functional as F
 
 from batchllm.config import ModelConfig
-from batchllm.model.attention import AttentionMetadata, paged_attention
+from batchllm.model.attention import AttentionMetadata, paged_attention, write_kv
 from batchllm.model.cpu_kernels import load_cpu_kernels, load_fused_ops
 from batchllm.model.layers import RotaryTable, add_rms_norm, apply_rotary, gated_mlp, rms_norm
 
 
 @dataclass
 class ForwardBatch:
-    """One step's input. `logits_rows` are the rows whose next-token logits are wanted (the samplers' rows)."""
+    """One step's input. `logits_rows` are the rows whose next-token logits are wanted (the samplers' rows).
+
+    `attn_last` (optional) is the attention of the logits rows alone, renumbered 0 .. B-1: the last layer's output of
+    any other row feeds nothing, so the last layer writes every row's K/V but attends, projects and runs its MLP for
+    the B logits rows only (in a prefill-heavy step that skips most of one layer)."""
 
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64, absolute positions
     attn: AttentionMetadata
     logits_rows: torch.Tensor  # [B] int64
+    attn_last: AttentionMetadata | None = None
 
 
 class DecoderLayer(torch.nn.Module):
@@ -91,14 +96,21 @@ class LlamaModel(torch.nn.Module):
             else:  # rotates q, k in place and writes this step's K/V into the cache
                 kern.rope_write_kv(q, k, v, self.rotary.cos, self.rotary.sin, batch.positions,
                                    kv_cache.view(2, -1, nkv, d), batch.attn.slots_all)
-            o = paged_attention(q, k, v, kv_cache, batch.attn, self.scale, kv_written=kern is not None)  # [T, H, D]
-            o = F.linear(o.reshape(-1, nh * d), layer.o_proj, layer.o_bias)  # [T, hidden]
+            if i + 1 == len(self.layers) and batch.attn_last is not None:  # from here on, the logits rows only
+                if kern is None:
+                    write_kv(k, v, kv_cache, batch.attn)
+                x = x.index_select(0, batch.logits_rows)  # [B, hidden]
+                q = q.index_select(0, batch.logits_rows)  # [B, H, D]
+                o = paged_attention(q, k, v, kv_cache, batch.attn_last, self.scale, kv_written=True)  # [B, H, D]
+            else:
+                o = paged_attention(q, k, v, kv_cache, batch.attn, self.scale, kv_written=kern is not None)  # [T, H, D]
+            o = F.linear(o.reshape(-1, nh * d), layer.o_proj, layer.o_bias)  # [T or B, hidden]
             x, h = add_rms_norm(x, o, layer.post_attn_norm, eps, kern)
             mlp = gated_mlp(h, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias, kern)  # [T, hidden]
             if i + 1 < len(self.layers):
                 x, h = add_rms_norm(x, mlp, self.layers[i + 1].input_norm, eps, kern)
             else:
                 x = x + mlp
-        h = rms_norm(x[batch.logits_rows], self.norm, eps)  # [B, hidden]
+        h = rms_norm(x if batch.attn_last is not None else x[batch.logits_rows], self.norm, eps)  # [B, hidden]
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(h, head).float()  # [B, V]
