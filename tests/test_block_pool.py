@@ -5,17 +5,32 @@ import pytest
 from batchllm.kv.block_pool import BlockPool, NoFreeBlocks, block_hashes
 
 
-def test_allocate_takes_blocks_in_order_and_free_appends_to_tail():
+def test_allocate_takes_blocks_in_order_and_freed_uncached_blocks_come_back_first():
     pool = BlockPool(6)
     assert pool.allocate(2) == [0, 1]
     assert pool.allocate(3) == [2, 3, 4]
     assert pool.ref_count == [1, 1, 1, 1, 1, 0]
     assert pool.num_free == 1
-    pool.free([3, 1])
-    assert list(pool.free_queue) == [5, 3, 1]
-    assert pool.allocate(2) == [5, 3]
-    assert pool.ref_count == [1, 0, 1, 1, 1, 1]
-    assert list(pool.free_queue) == [1]
+    pool.free([3, 1])  # no hash: reused before the never-used block 5, in the order freed
+    assert list(pool.free_queue) == [3, 1, 5]
+    assert pool.allocate(2) == [3, 1]
+    assert pool.ref_count == [1, 1, 1, 1, 1, 0]
+    assert list(pool.free_queue) == [5]
+    pool.free([0])
+    assert pool.allocate(2) == [0, 5]
+
+
+def test_uncached_blocks_are_reused_before_cached_ones_are_evicted():
+    pool = BlockPool(4)
+    a, b, c, d = pool.allocate(4)
+    pool.cache(a, 111)
+    pool.free([a, b])  # a keeps its KV at the tail; b holds nothing and goes first
+    assert list(pool.free_queue) == [b, a]
+    assert pool.allocate(1) == [b]
+    assert pool.lookup(111) == a
+    pool.free([c])
+    assert pool.allocate(2) == [c, a]  # a is evicted only when nothing else is free
+    assert pool.lookup(111) is None
 
 
 def test_allocate_too_many_changes_nothing():
@@ -37,7 +52,7 @@ def test_shared_block_freed_only_at_last_reference():
     pool.free([b])
     assert b not in pool.free_queue
     pool.free([b])
-    assert list(pool.free_queue) == [1, 2, 3, 0]
+    assert list(pool.free_queue) == [0, 1, 2, 3]
     with pytest.raises(RuntimeError):
         pool.free([b])
 

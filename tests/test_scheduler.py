@@ -67,16 +67,16 @@ def test_token_budget_chunks_prefill_and_mixes_it_with_decodes():
     assert sched.pool.ref_count[:8] == [1] * 7 + [0]
 
 
-def test_finished_blocks_return_to_the_queue_tail_in_order():
+def test_finished_blocks_return_to_the_queue_head_in_order():
     sched = make_sched(blocks=6, budget=16)
     a, b = leaf(0, 4, max_tokens=1), leaf(1, 8, max_tokens=2)
     sched.add([a, b])
     assert step(sched) == ([(0, 4), (1, 8)], [0])
     assert a.status is Status.FINISHED and a.blocks == []
-    assert list(sched.pool.free_queue) == [3, 4, 5, 0]
-    assert step(sched) == ([(1, 1)], [1])
+    assert list(sched.pool.free_queue) == [0, 3, 4, 5]  # reused before the never-used blocks
+    assert step(sched) == ([(1, 1)], [1])  # position 8 opens a third block for b: block 0 again
     assert b.blocks == []
-    assert list(sched.pool.free_queue) == [4, 5, 0, 1, 2, 3]
+    assert list(sched.pool.free_queue) == [1, 2, 0, 3, 4, 5]
     assert not sched.has_work()
 
 
@@ -99,7 +99,7 @@ def test_preemption_frees_the_newest_and_recomputes_it_later():
     assert a.status is Status.FINISHED
     plan, _ = step(sched)
     assert plan == [(1, 9)]  # b recomputes prompt + its kept output token in one chunk
-    assert b.blocks == [3, 0, 1]  # a freed [0, 1, 4, 2] behind b's [3]
+    assert b.blocks == [0, 1, 4]  # a freed [0, 1, 4, 2] last: they come back first, ahead of b's [3]
     while sched.has_work():
         step(sched)
     assert b.output_ids == [7] * 6
@@ -118,10 +118,10 @@ def test_group_node_runs_once_then_children_and_is_freed_with_the_last_child():
     assert step(sched) == ([(1, 2), (2, 3)], [1])
     assert (l1.block_table(), l2.block_table()) == ([0, 1], [0, 1, 3])
     assert n.blocks == [0, 1] and n.pending_children == 1  # l1 done, l2 still needs the prefix
-    assert list(sched.pool.free_queue) == [4, 5, 6, 7, 2]
+    assert list(sched.pool.free_queue) == [2, 4, 5, 6, 7]  # l1's own block comes back first
     assert step(sched) == ([(2, 1)], [2])
     assert n.status is Status.FINISHED
-    assert list(sched.pool.free_queue) == [4, 5, 6, 7, 2, 3, 0, 1]
+    assert list(sched.pool.free_queue) == [0, 1, 3, 2, 4, 5, 6, 7]  # freed last (the prefix's), first out
 
 
 def test_nested_nodes_release_children_level_by_level():
@@ -136,7 +136,7 @@ def test_nested_nodes_release_children_level_by_level():
     assert step(sched) == ([(1, 4), (3, 2)], [3])
     assert inner.block_table() == [0, 1]
     assert step(sched) == ([(2, 1)], [])
-    assert a.block_table() == [0, 1, 3]
+    assert a.block_table() == [0, 1, 2]  # b's block 2, freed a step ago, is reused
     assert step(sched) == ([(2, 1)], [2])
     assert root.status is Status.FINISHED and inner.status is Status.FINISHED
     assert sched.pool.num_free == 12

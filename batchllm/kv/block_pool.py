@@ -1,12 +1,15 @@
 """The KV block pool: block ids, reference counts, the free queue and (for the caching baselines) a hash -> block map.
 
-Pure Python. A block is *free* when its reference count is 0; free blocks wait in `free_queue`, oldest first. A free
-block may still carry a hash (its KV is valid and can be revived by `touch`); `allocate` takes blocks from the head of
-the queue and evicts the hash of any block it hands out, so cached blocks are evicted in least-recently-freed order.
+Pure Python. A block is *free* when its reference count is 0; free blocks wait in `free_queue`. A free block may still
+carry a hash (its KV is valid and can be revived by `touch`); `allocate` takes blocks from the head of the queue and
+evicts the hash of any block it hands out. Freed blocks with a hash join the tail, so cached blocks are evicted in
+least-recently-freed order; freed blocks without one join the head and are handed out first: they hold nothing worth
+keeping, and their memory is already mapped, while a never-used block costs a page fault per 4 KiB on its first write
+(on CPU the cache tensors are allocated lazily; about 0.5 GB/s here).
 
     allocate(n)  -> takes n blocks from the queue head (ref 0 -> 1, hash evicted)
     touch(b)     -> ref += 1 (a free cached block leaves the queue)
-    free(b)      -> ref -= 1; at 0 the block goes to the queue tail (keeps its hash)
+    free(b)      -> ref -= 1; at 0 the block goes to the queue tail if it has a hash (keeping it), else to the head
 """
 
 from __future__ import annotations
@@ -60,13 +63,19 @@ class BlockPool:
             self.ref_count[b] += 1
 
     def free(self, blocks: Sequence[int]) -> None:
-        """Drop one reference from each block; blocks reaching 0 join the queue tail in the given order."""
+        """Drop one reference from each block. Blocks reaching 0 join the queue in the given order: at the tail when
+        they carry a hash, at the head (handed out next, in that order) when they do not."""
+        reuse = []
         for b in blocks:
             if self.ref_count[b] <= 0:
                 raise RuntimeError(f"block {b} freed more often than referenced")
             self.ref_count[b] -= 1
             if self.ref_count[b] == 0:
                 self.free_queue[b] = None
+                if self.block_hash[b] is None:
+                    reuse.append(b)
+        for b in reversed(reuse):
+            self.free_queue.move_to_end(b, last=False)
 
     def cache(self, block: int, block_hash: int) -> None:
         """Record that `block` holds the KV of the full block chain `block_hash` (first writer wins)."""
