@@ -263,6 +263,11 @@ def _bf16_steps() -> dict[str, tuple[Step, int, int, int | None]]:
     long.node("p", 96)
     long.seq(300, 300, "p")
     long.seq(7, 1, "p")
+    deep = Step(14, num_blocks=128)  # a 704-key prefix: three key blocks of the kernel, rescaled twice
+    deep.node("p", 704)
+    for r in range(4):
+        deep.seq(5 + r, 5 + r, "p")  # 26 queries x 2 heads per KV head: 4 row tiles
+    deep.seq(3, 1, "p")
     odd = Step(13, block_size=5)  # a prefix of 35 keys: its last key block holds an odd number of keys
     odd.node("p", 35)
     for r in range(5):
@@ -277,6 +282,7 @@ def _bf16_steps() -> dict[str, tuple[Step, int, int, int | None]]:
         "window-1": (windowed, 8, 2, 1),
         "window-20": (windowed, 8, 2, 20),
         "long-causal": (long, 8, 2, None),
+        "deep-prefix": (deep, 8, 2, None),
     }
 
 
