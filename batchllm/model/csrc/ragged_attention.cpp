@@ -200,7 +200,9 @@ inline __m512i bcast_pair(const at::BFloat16* row, int64_t p) {
   return _mm512_set1_epi32(reinterpret_cast<const int32_t*>(row)[p]);
 }
 
+using simd::exp2_512;
 using simd::exp512;
+constexpr float LN2 = 0.69314718f, LOG2E = 1.44269504f;
 
 // Tasks of at most this many rows run in the scalar kernel (env BATCHLLM_SMALL_ROWS overrides, for measuring).
 inline int64_t small_rows_limit() {
@@ -236,7 +238,7 @@ struct Buffers {
   std::vector<int32_t> qp, pp, vp, qpos, lo;
   std::vector<float> st, acc, m, l, c;
   std::vector<uint8_t> active;
-  std::vector<int32_t> tmax;
+  std::vector<int32_t> tmax, tmin, tlo;
   void reserve(int64_t D, int64_t KVH, bool tasks) {
     const int64_t R = std::max(TASK_ROWS, KVH * 8);  // run_task's rows, or run_small's rows of every KV head
     grow(acc, R * D);
@@ -252,6 +254,8 @@ struct Buffers {
     grow(c, R);
     grow(active, R / 16);
     grow(tmax, R / 16);
+    grow(tmin, R / 16);
+    grow(tlo, R / 16);
   }
 };
 
@@ -293,8 +297,13 @@ inline void block_rows(const Args& a, int64_t h, int64_t k0, int64_t j0, int64_t
 template <int NT>
 inline void score_tiles(Buffers& B, int64_t tile, int64_t P2, const at::BFloat16* const* krow, int64_t nb,
                         int32_t kpos0, int64_t RP, float scale) {
-  int32_t tmax = B.tmax[tile];
-  for (int u = 1; u < NT; ++u) tmax = std::max(tmax, B.tmax[tile + u]);
+  int32_t tmax = B.tmax[tile], tmin = B.tmin[tile], tlo = B.tlo[tile];
+  for (int u = 1; u < NT; ++u) {
+    tmax = std::max(tmax, B.tmax[tile + u]);
+    tmin = std::min(tmin, B.tmin[tile + u]);
+    tlo = std::max(tlo, B.tlo[tile + u]);
+  }
+  const __m512 vscale = _mm512_set1_ps(scale * LOG2E);  // scores in base 2: the softmax uses 2^x
   float* st = B.st.data();
   for (int64_t b0 = 0; b0 < KB; b0 += 8) {
     __m512 sc[NT][8];
@@ -312,6 +321,12 @@ inline void score_tiles(Buffers& B, int64_t tile, int64_t P2, const at::BFloat16
         }
       }
     }
+    const int32_t k_first = kpos0 + static_cast<int32_t>(b0), k_last = k_first + 7;
+    if (!skip && b0 + 8 <= nb && k_last <= tmin && k_first >= tlo) {  // every row sees all 8 keys: no mask
+      for (int u = 0; u < NT; ++u)
+        for (int k = 0; k < 8; ++k) _mm512_storeu_ps(st + (b0 + k) * RP + (tile + u) * 16, _mm512_mul_ps(sc[u][k], vscale));
+      continue;
+    }
     for (int u = 0; u < NT; ++u) {
       const int64_t lane0 = (tile + u) * 16;
       const __m512i qpos = _mm512_loadu_si512(B.qpos.data() + lane0);
@@ -321,7 +336,7 @@ inline void score_tiles(Buffers& B, int64_t tile, int64_t P2, const at::BFloat16
         __mmask16 vis = _mm512_cmp_epi32_mask(kpv, qpos, _MM_CMPINT_LE) & _mm512_cmp_epi32_mask(lov, kpv, _MM_CMPINT_LE);
         if (skip || b0 + k >= nb) vis = 0;
         _mm512_storeu_ps(st + (b0 + k) * RP + lane0,
-                         _mm512_mask_blend_ps(vis, _mm512_set1_ps(NEG), _mm512_mul_ps(sc[u][k], _mm512_set1_ps(scale))));
+                         _mm512_mask_blend_ps(vis, _mm512_set1_ps(NEG), _mm512_mul_ps(sc[u][k], vscale)));
       }
     }
   }
@@ -408,12 +423,17 @@ void run_task(const Task& t, Buffers& B, const Args& a) {
     // Which row tiles see this block: some row's [lo, qpos] meets [kpos0, kpos0 + nb - 1].
     for (int64_t tile = 0; tile < tiles; ++tile) {
       int32_t tmax = NOPOS, tlo = std::numeric_limits<int32_t>::max();
+      int32_t tmin = std::numeric_limits<int32_t>::max(), tlo_max = std::numeric_limits<int32_t>::min();
       for (int64_t r = tile * 16; r < std::min<int64_t>(R, tile * 16 + 16); ++r) {
         tmax = std::max(tmax, B.qpos[r]);
         tlo = std::min(tlo, B.lo[r]);
+        tmin = std::min(tmin, B.qpos[r]);
+        tlo_max = std::max(tlo_max, B.lo[r]);
       }
       B.active[tile] = tmax >= kpos0 && tlo <= kpos0 + nb - 1;
       B.tmax[tile] = tmax;
+      B.tmin[tile] = tmin;  // every real row of the tile sees keys at [tlo_max, tmin]
+      B.tlo[tile] = tlo_max;
     }
     // Scores: up to three active tiles (48 rows) x 8 keys at a time (see score_tiles).
     for (int64_t tile = 0; tile < tiles;) {
@@ -436,17 +456,19 @@ void run_task(const Task& t, Buffers& B, const Args& a) {
       for (int64_t b = 0; b < nb; ++b) mx = _mm512_max_ps(mx, _mm512_loadu_ps(st + b * RP + tile * 16));
       const __m512 m_old = _mm512_loadu_ps(B.m.data() + tile * 16);
       const __m512 m_new = _mm512_max_ps(m_old, mx);
-      const __m512 corr = exp512(_mm512_sub_ps(m_old, m_new));
+      const __m512 corr = exp2_512(_mm512_sub_ps(m_old, m_new));
       __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(B.l.data() + tile * 16), corr);
-      const __m512 half_neg = _mm512_set1_ps(NEG * 0.5f);
+      // A row that has seen no key yet has m_new = NEG: subtracting at least -1e20 keeps its masked scores at ~NEG,
+      // whose 2^x is 0, so no per-lane mask is needed.
+      const __m512 m_sub = _mm512_max_ps(m_new, _mm512_set1_ps(-1e20f));
       alignas(64) static const int16_t pair_idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
       const __m512i pidx = _mm512_load_si512(pair_idx);
       for (int64_t j = 0; j < npairs; ++j) {
         const __m512 s0 = _mm512_loadu_ps(st + (2 * j) * RP + tile * 16);
         const __m512 s1 = _mm512_loadu_ps(st + (2 * j + 1) * RP + tile * 16);
-        const __m512 p0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s0, half_neg, _CMP_GT_OQ), exp512(_mm512_sub_ps(s0, m_new)));
-        const __m512 p1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s1, half_neg, _CMP_GT_OQ), exp512(_mm512_sub_ps(s1, m_new)));
+        const __m512 p0 = exp2_512(_mm512_sub_ps(s0, m_sub));
+        const __m512 p1 = exp2_512(_mm512_sub_ps(s1, m_sub));
         sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
         const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // [p0 of 16 rows | p1 of 16 rows]
         _mm512_storeu_si512(B.pp.data() + j * RP + tile * 16, _mm512_permutexvar_epi16(pidx, both));
@@ -477,7 +499,7 @@ void run_task(const Task& t, Buffers& B, const Args& a) {
     const bool seen = B.l[r] > 0.f;
     const float inv = seen ? 1.f / B.l[r] : 0.f;
     for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
-    lse[(q0 + i) * H + head] = seen ? B.m[r] + std::log(B.l[r]) : NEG;
+    lse[(q0 + i) * H + head] = seen ? (B.m[r] + std::log2(B.l[r])) * LN2 : NEG;  // m, l are in base 2
   }
 }
 
