@@ -259,14 +259,19 @@ struct Buffers {
   }
 };
 
-// Interleave two rows of 32 bf16 into pairs: lo = (a0,b0,a1,b1,...,a15,b15), hi = (a16,b16,...,a31,b31).
+// Interleave two rows of 32 bf16 into pairs with in-lane unpacks: per 128-bit lane L, lo holds the pairs of dims
+// 8L .. 8L + 3 and hi those of 8L + 4 .. 8L + 7. P V accumulators fed this way hold a row's dims permuted (position
+// 32c + 16h + lane <-> dim 32c + 8 (lane / 4) + 4h + lane % 4); store_row undoes it.
 inline void interleave(__m512i a, __m512i b, __m512i& lo, __m512i& hi) {
-  alignas(64) static const int16_t idx_lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const int16_t idx_hi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                                 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  lo = _mm512_permutex2var_epi16(a, _mm512_load_si512(idx_lo), b);
-  hi = _mm512_permutex2var_epi16(a, _mm512_load_si512(idx_hi), b);
+  lo = _mm512_unpacklo_epi16(a, b);
+  hi = _mm512_unpackhi_epi16(a, b);
+}
+
+// o[dim] = acc[position] * inv over a row of D dims, undoing the permutation left by `interleave`.
+inline void store_row(float* o, const float* acc, int64_t D, float inv) {
+  for (int64_t c = 0; c < D / 32; ++c)
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t lane = 0; lane < 16; ++lane) o[32 * c + 8 * (lane / 4) + 4 * h + lane % 4] = acc[32 * c + 16 * h + lane] * inv;
 }
 
 // Row pointers of the n keys j0 .. j0 + n - 1 of a part (zero rows past j_end) for head h, and a prefetch of the
@@ -495,10 +500,8 @@ void run_task(const Task& t, Buffers& B, const Args& a) {
   for (int64_t r = 0; r < R; ++r) {
     const int64_t i = (t.row0 + r) / G, g = (t.row0 + r) % G, head = h * G + g;
     float* o = out + ((q0 + i) * H + head) * D;
-    const float* a = B.acc.data() + r * D;
     const bool seen = B.l[r] > 0.f;
-    const float inv = seen ? 1.f / B.l[r] : 0.f;
-    for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
+    store_row(o, B.acc.data() + r * D, D, seen ? 1.f / B.l[r] : 0.f);
     lse[(q0 + i) * H + head] = seen ? (B.m[r] + std::log2(B.l[r])) * LN2 : NEG;  // m, l are in base 2
   }
 }
@@ -631,8 +634,8 @@ void run_small(const Task& t, Buffers& B, const Args& a) {
           a1[r] = _mm512_loadu_ps(acch + (r * 2 * DC + 2 * c + 1) * 16);
         }
         for (int64_t j = 0; j < npairs; ++j) {
-          const __m512i x = _mm512_loadu_si512(vrow[2 * j] + 32 * c), y = _mm512_loadu_si512(vrow[2 * j + 1] + 32 * c);
-          const __m512i vlo = _mm512_unpacklo_epi16(x, y), vhi = _mm512_unpackhi_epi16(x, y);
+          __m512i vlo, vhi;
+          interleave(_mm512_loadu_si512(vrow[2 * j] + 32 * c), _mm512_loadu_si512(vrow[2 * j + 1] + 32 * c), vlo, vhi);
           for (int r = 0; r < NR; ++r) {
             const __m512i pr = _mm512_set1_epi32(pp[r * 8 + j]);
             a0[r] = dp(a0[r], vlo, pr);
@@ -651,14 +654,7 @@ void run_small(const Task& t, Buffers& B, const Args& a) {
       const int64_t head = h * G + r % G, hr = h * NR + r;
       float* o = out + ((q0 + r / G) * H + head) * D;
       const bool seen = l[hr] > 0.f;
-      const float inv = seen ? 1.f / l[hr] : 0.f;
-      const float* ar = acc + hr * D;
-      for (int64_t c = 0; c < DC; ++c)
-        for (int64_t lane = 0; lane < 16; ++lane) {
-          const int64_t dim = 32 * c + 8 * (lane / 4) + lane % 4;
-          o[dim] = ar[(2 * c) * 16 + lane] * inv;
-          o[dim + 4] = ar[(2 * c + 1) * 16 + lane] * inv;
-        }
+      store_row(o, acc + hr * D, D, seen ? 1.f / l[hr] : 0.f);
       lse[(q0 + r / G) * H + head] = seen ? m[hr] + std::log(l[hr]) : NEG;
     }
 }
