@@ -236,7 +236,7 @@ inline void grow(std::vector<T>& v, int64_t n) {
 // uses acc, m, l and pp; run_task all of it (about 0.6 MiB with head_dim 64, within a core's L2).
 struct Buffers {
   std::vector<int32_t> qp, pp, vp, qpos, lo;
-  std::vector<float> st, acc, m, l, c;
+  std::vector<float> st, acc, m, l, c, bmax;
   std::vector<uint8_t> active;
   std::vector<int32_t> tmax, tmin, tlo;
   void reserve(int64_t D, int64_t KVH, bool tasks) {
@@ -252,6 +252,7 @@ struct Buffers {
     grow(lo, R);
     grow(st, KB * R);
     grow(c, R);
+    grow(bmax, R);
     grow(active, R / 16);
     grow(tmax, R / 16);
     grow(tmin, R / 16);
@@ -310,7 +311,10 @@ inline void score_tiles(Buffers& B, int64_t tile, int64_t P2, const at::BFloat16
   }
   const __m512 vscale = _mm512_set1_ps(scale * LOG2E);  // scores in base 2: the softmax uses 2^x
   float* st = B.st.data();
-  for (int64_t b0 = 0; b0 < KB; b0 += 8) {
+  __m512 mx[NT];  // running max of each tile's stored scores: the block max the softmax needs
+  for (int u = 0; u < NT; ++u) mx[u] = _mm512_set1_ps(NEG);
+  const int64_t b_end = std::min<int64_t>(KB, (nb + 7) / 8 * 8);  // the softmax reads keys < nb + 1 only
+  for (int64_t b0 = 0; b0 < b_end; b0 += 8) {
     __m512 sc[NT][8];
     const bool skip = b0 >= nb || kpos0 + b0 > tmax;  // every key here is past every row (or padding)
     for (int u = 0; u < NT; ++u)
@@ -329,7 +333,11 @@ inline void score_tiles(Buffers& B, int64_t tile, int64_t P2, const at::BFloat16
     const int32_t k_first = kpos0 + static_cast<int32_t>(b0), k_last = k_first + 7;
     if (!skip && b0 + 8 <= nb && k_last <= tmin && k_first >= tlo) {  // every row sees all 8 keys: no mask
       for (int u = 0; u < NT; ++u)
-        for (int k = 0; k < 8; ++k) _mm512_storeu_ps(st + (b0 + k) * RP + (tile + u) * 16, _mm512_mul_ps(sc[u][k], vscale));
+        for (int k = 0; k < 8; ++k) {
+          const __m512 v = _mm512_mul_ps(sc[u][k], vscale);
+          mx[u] = _mm512_max_ps(mx[u], v);
+          _mm512_storeu_ps(st + (b0 + k) * RP + (tile + u) * 16, v);
+        }
       continue;
     }
     for (int u = 0; u < NT; ++u) {
@@ -340,11 +348,13 @@ inline void score_tiles(Buffers& B, int64_t tile, int64_t P2, const at::BFloat16
         const __m512i kpv = _mm512_set1_epi32(kpos0 + static_cast<int32_t>(b0) + k);
         __mmask16 vis = _mm512_cmp_epi32_mask(kpv, qpos, _MM_CMPINT_LE) & _mm512_cmp_epi32_mask(lov, kpv, _MM_CMPINT_LE);
         if (skip || b0 + k >= nb) vis = 0;
-        _mm512_storeu_ps(st + (b0 + k) * RP + lane0,
-                         _mm512_mask_blend_ps(vis, _mm512_set1_ps(NEG), _mm512_mul_ps(sc[u][k], vscale)));
+        const __m512 v = _mm512_mask_blend_ps(vis, _mm512_set1_ps(NEG), _mm512_mul_ps(sc[u][k], vscale));
+        mx[u] = _mm512_max_ps(mx[u], v);
+        _mm512_storeu_ps(st + (b0 + k) * RP + lane0, v);
       }
     }
   }
+  for (int u = 0; u < NT; ++u) _mm512_storeu_ps(B.bmax.data() + (tile + u) * 16, mx[u]);
 }
 
 // acc[r0 .. r0 + NRW)[d0 .. d0 + 16 NC) = acc * corr + P V over the block's key pairs: NRW x NC accumulators stay in
@@ -457,8 +467,7 @@ void run_task(const Task& t, Buffers& B, const Args& a) {
       if (!B.active[tile]) continue;
       const float* st = B.st.data();
       // Online softmax, lane-wise over the block's keys.
-      __m512 mx = _mm512_set1_ps(NEG);
-      for (int64_t b = 0; b < nb; ++b) mx = _mm512_max_ps(mx, _mm512_loadu_ps(st + b * RP + tile * 16));
+      const __m512 mx = _mm512_loadu_ps(B.bmax.data() + tile * 16);  // left by score_tiles
       const __m512 m_old = _mm512_loadu_ps(B.m.data() + tile * 16);
       const __m512 m_new = _mm512_max_ps(m_old, mx);
       const __m512 corr = exp2_512(_mm512_sub_ps(m_old, m_new));
