@@ -5,7 +5,6 @@ parts), in fp32 (torch paths) and in bf16 (the AVX512-BF16 kernels where built).
 import dataclasses
 
 import pytest
-import torch
 from test_engine_vs_hf import nested_workload
 
 from batchllm import LLM, SamplingParams
