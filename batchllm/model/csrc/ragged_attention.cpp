@@ -474,7 +474,7 @@ __attribute__((always_inline)) inline void run_task(const Task& t, Buffers& B, c
       const __m512 mx = _mm512_loadu_ps(B.bmax.data() + tile * 16);  // left by score_tiles
       const __m512 m_old = _mm512_loadu_ps(B.m.data() + tile * 16);
       const __m512 m_new = _mm512_max_ps(m_old, mx);
-      const __m512 corr = exp2_512(_mm512_sub_ps(m_old, m_new));
+      const __m512 corr = exp2_512<5>(_mm512_sub_ps(m_old, m_new));
       __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(B.l.data() + tile * 16), corr);
       // A row that has seen no key yet has m_new = NEG: subtracting at least -1e20 keeps its masked scores at ~NEG,
       // whose 2^x is 0, so no per-lane mask is needed.
@@ -485,8 +485,8 @@ __attribute__((always_inline)) inline void run_task(const Task& t, Buffers& B, c
       for (int64_t j = 0; j < npairs; ++j) {
         const __m512 s0 = _mm512_loadu_ps(st + (2 * j) * RP + tile * 16);
         const __m512 s1 = _mm512_loadu_ps(st + (2 * j + 1) * RP + tile * 16);
-        const __m512 p0 = exp2_512(_mm512_sub_ps(s0, m_sub));
-        const __m512 p1 = exp2_512(_mm512_sub_ps(s1, m_sub));
+        const __m512 p0 = exp2_512<5>(_mm512_sub_ps(s0, m_sub));
+        const __m512 p1 = exp2_512<5>(_mm512_sub_ps(s1, m_sub));
         sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
         const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // [p0 of 16 rows | p1 of 16 rows]
         _mm512_storeu_si512(B.pp.data() + j * RP + tile * 16, _mm512_permutexvar_epi16(pidx, both));

@@ -31,14 +31,15 @@ inline __m512 round_bf16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
-// exp(x) in fp32 lanes: 2^n * 2^f with a degree-6 polynomial for 2^f, f in [-0.5, 0.5]; relative error ~1e-7.
-// Inputs below -100 give ~0 (exp(-100) ~ 4e-44), above ~88.7 give +inf.
-inline __m512 exp512(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(1.44269504f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+// 2^x in fp32 lanes: 2^n * 2^f, n = round(x), with a polynomial for 2^f, f in [-0.5, 0.5], of degree 6 (relative
+// error ~1e-7) or 5 (~3e-6, ample where the result is rounded to bf16). x <= -1e20 gives 0, x above ~128 gives +inf.
+template <int DEGREE = 6>
+inline __m512 exp2_512(__m512 x) {
+  static_assert(DEGREE == 5 || DEGREE == 6, "degree 5 or 6");
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.3333558e-3f);
+  if (DEGREE == 6) p = _mm512_fmadd_ps(_mm512_set1_ps(1.5403530e-4f), f, p);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
@@ -47,18 +48,9 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// 2^x in fp32 lanes, degree-5 polynomial for 2^f, f in [-0.5, 0.5]: relative error ~3e-6, ample where the result
-// is rounded to bf16 (attention probabilities). No clamp: x <= -1e20 gives 0.
-inline __m512 exp2_512(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.3333558e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+// exp(x) in fp32 lanes (relative error ~1e-7). Inputs below -100 give ~0 (exp(-100) ~ 4e-44), above ~88.7 give +inf.
+inline __m512 exp512(__m512 x) {
+  return exp2_512<6>(_mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(1.44269504f)));
 }
 
 }  // namespace simd
