@@ -106,7 +106,7 @@ class LlamaModel(torch.nn.Module):
                 o = paged_attention(q, k, v, kv_cache, batch.attn, self.scale, kv_written=kern is not None)  # [T, H, D]
             o = F.linear(o.reshape(-1, nh * d), layer.o_proj, layer.o_bias)  # [T or B, hidden]
             x, h = add_rms_norm(x, o, layer.post_attn_norm, eps, kern)
-            mlp = gated_mlp(h, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias, kern)  # [T, hidden]
+            mlp = gated_mlp(h, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias, kern)  # [T or B, hidden]
             if i + 1 < len(self.layers):
                 x, h = add_rms_norm(x, mlp, self.layers[i + 1].input_norm, eps, kern)
             else:
