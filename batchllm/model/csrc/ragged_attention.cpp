@@ -703,7 +703,7 @@ void attention(const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_p
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
 #pragma omp parallel
   {
-    Buffers B;  // a local, not thread_local kept across calls: that was 1.15-1.2x slower (pointer reloads)
+    Buffers B;  // a local: a thread_local kept across calls ran 1.15-1.2x slower (benchmarks/kernel_ab.py)
     B.reserve(D, KVH, has_tasks);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_tasks; ++i) {
