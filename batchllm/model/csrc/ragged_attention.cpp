@@ -193,6 +193,7 @@ namespace bf16k {
 
 constexpr int64_t KB = 256;         // keys per block (fewer passes over the accumulators: 1.1-1.4x over 32)
 constexpr int64_t SMALL_TASK_KB = 32;  // keys per block in tasks of at most 3 row tiles
+constexpr int64_t SMALL_MAX_ROWS = 8;  // run_small handles parts of at most this many rows per KV head
 constexpr int64_t TASK_ROWS = 256;  // rows per task (bounds the per-thread buffers to L2)
 
 inline __m512 dp(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
@@ -241,11 +242,12 @@ struct Buffers {
   std::vector<uint8_t> active;
   std::vector<int32_t> tmax, tmin, tlo;
   void reserve(int64_t D, int64_t KVH, bool tasks) {
-    const int64_t R = std::max(TASK_ROWS, KVH * 8);  // run_task's rows, or run_small's rows of every KV head
+    const int64_t small_rows = KVH * SMALL_MAX_ROWS;  // run_small: its rows for every KV head
+    const int64_t R = tasks ? std::max(TASK_ROWS, small_rows) : small_rows;
     grow(acc, R * D);
     grow(m, R);
     grow(l, R);
-    grow(pp, KB / 2 * R + 16 * 8);
+    grow(pp, tasks ? KB / 2 * R + 16 * 8 : SMALL_MAX_ROWS * 8);
     if (!tasks) return;
     grow(qp, R * D / 2);
     grow(vp, KB / 2 * D);
@@ -673,7 +675,6 @@ void run_small(const Task& t, Buffers& B, const Args& a) {
 }
 
 using SmallFn = void (*)(const Task&, Buffers&, const Args&);
-constexpr int64_t SMALL_MAX_ROWS = 8;
 constexpr SmallFn SMALL_FNS[SMALL_MAX_ROWS + 1] = {nullptr, run_small<1>, run_small<2>, run_small<3>, run_small<4>,
                                                   run_small<5>, run_small<6>, run_small<7>, run_small<8>};
 
