@@ -181,10 +181,10 @@ void ragged_kernel(const scalar_t* q, const scalar_t* kv, const int64_t* q_ptr, 
 // cache rows (one 32-bit broadcast per pair of dims) and the online softmax is lane-wise (no horizontal reductions):
 //
 //   Qp    [tiles][D/2][16]    query pairs (q[2p], q[2p+1]) of 16 rows: one register per pair index p
-//   St    [KB][rows]          fp32 scores of one key block (KB keys), -1e30 where a key is not visible
+//   St    [KB][rows]          fp32 scores (base 2: scaled by log2 e) of one key block, -1e30 where not visible
 //   Pp    [KB/2][rows]        probabilities as bf16 pairs (p[2j], p[2j+1]) of each row
-//   Vp    [KB/2][D]           values as bf16 pairs (v[2j][d], v[2j+1][d])
-//   acc   [rows][D]           fp32 output accumulators, rescaled by exp(m_old - m_new) per block
+//   Vp    [KB/2][D]           values as bf16 pairs (v[2j][d], v[2j+1][d]), dims in the order `interleave` leaves
+//   acc   [rows][D]           fp32 output accumulators (dims as in Vp), rescaled by 2^(m_old - m_new) per block
 //
 // vdpbf16ps sums the two products of a pair into one fp32 lane: QK^T reduces over dim pairs, PV over key pairs.
 #ifdef BATCHLLM_HAS_BF16_KERNEL
