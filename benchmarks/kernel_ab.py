@@ -1,10 +1,12 @@
 """A/B of the bf16 attention kernel against another git revision's, in one process.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --rev 1004651 [--threads 1] [--reps 15] [--head-dim 64]
+    PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --rev 1004651 [--threads 1] [--reps 15] [--cold]
 
 Builds `batchllm/model/csrc` as it is at REV into a second extension module and times the two builds on the same
 inputs, alternating calls (A = this tree, B = REV), so the slow drifts of a shared machine hit both alike: separate
-processes minutes apart differ by up to 40% here, alternating calls by 1-3%. Prints, per case, each build's best
+processes minutes apart differ by up to 40% here, alternating calls by 1-3%. With --cold, a 96 MiB buffer is written
+before every call, so the cache is read from memory as in a model's forward pass (where the other layers' K/V and the
+weights pass through the caches between two calls of one layer). Prints, per case, each build's best
 time and the median of the per-pair ratios B/A (above 1: this tree is faster).
 
 Cases: decodes against a shared prefix (16 rows per part), decodes over a request's own keys, a group's 128-token
@@ -28,6 +30,8 @@ CSRC = "batchllm/model/csrc"
 FILES = ["bindings.cpp", "ragged_attention.cpp", "fused_ops.cpp", "simd.h"]
 CASES = [  # (parts, queries per part, keys per part, causal)
     (10, 16, 1536, False),
+    (8, 16, 1024, False),
+    (128, 1, 128, False),
     (160, 1, 192, False),
     (128, 1, 544, False),
     (16, 128, 1536, False),
@@ -75,6 +79,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--cold", action="store_true", help="evict the caches before every call")
     args = ap.parse_args()
     from batchllm.model.cpu_kernels import has_bf16_kernels, load_cpu_kernels
 
@@ -84,15 +89,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         b = build_revision(args.rev, Path(tmp))
     torch.set_num_threads(args.threads)
-    print(f"A = this tree, B = {args.rev}; {args.threads} thread(s), head_dim {args.head_dim}, {args.reps} pairs")
+    flush = torch.zeros(96 * 2**20 // 4) if args.cold else None
+
+    def evict() -> None:
+        if flush is not None:
+            flush.add_(1.0)
+
+    print(f"A = this tree, B = {args.rev}; {args.threads} thread(s), head_dim {args.head_dim}, {args.reps} pairs"
+          + (", caches evicted before each call" if args.cold else ""))
     for parts, nq, nk, causal in CASES:
         x = inputs(parts, nq, nk, causal, args.head_dim)
         diff = (a.ragged_attention(*x)[0] - b.ragged_attention(*x)[0]).abs().max().item()
         ta, tb = [], []
         for _ in range(args.reps):
+            evict()
             t = time.perf_counter()
             a.ragged_attention(*x)
             ta.append(time.perf_counter() - t)
+            evict()
             t = time.perf_counter()
             b.ragged_attention(*x)
             tb.append(time.perf_counter() - t)
