@@ -101,6 +101,29 @@ def test_merge_matches_torch_merge():
     assert ulps(got, exact.to(BF16)).max().item() <= 1
 
 
+@pytest.mark.parametrize("vocab", [1, 5, 31, 32, 33, 100, 32000, 151936])
+def test_argmax_rows_equals_torch_argmax_of_the_fp32_values(vocab):
+    x = randn(12, vocab, seed=vocab)
+    x[1] = 0.0
+    x[2, : vocab // 2] = -0.0  # -0 ties with +0: the lowest index wins
+    x[3] = float("-inf")
+    x[4, vocab // 3] = float("nan")  # a NaN beats everything, the first one wins
+    x.view(torch.int16)[4, -1] = 0x7FFF  # a NaN with a larger payload
+    x.view(torch.int16)[4, 0] = -64  # 0xFFC0: a negative NaN
+    x[5] = (x[5] * 2).round()  # many ties
+    x[6, -1] = 100.0  # the maximum in the tail chunk
+    x[7] = -x[7].abs()
+    x[8, vocab // 2] = float("inf")
+    x[9] = -0.0
+    x[9, -1] = 0.0
+    x[10, 0] = 50.0
+    got = kernels.argmax_rows(x)
+    assert got.dtype == torch.int64
+    assert got.tolist() == torch.argmax(x.float(), dim=-1).tolist()
+    assert got[6].item() == vocab - 1 and got[9].item() == 0 and got[10].item() == 0
+    assert got[4].item() == 0
+
+
 def test_bf16_engine_matches_hf_fp32_within_bf16_noise(tmp_path_factory, tokenizer_dir):
     """The whole bf16 CPU path (AVX512-BF16 attention over shared prefixes and decodes, fused ops) on a model with
     head_dim 32, against HF in fp32: log-probabilities stay within bf16 noise and each step's token is HF's top-1

@@ -177,6 +177,23 @@ def test_greedy_is_argmax_with_lowest_id_on_ties(dtype):
     assert res.logprobs == [None, None, None] and res.top_logprobs == [None, None, None]
 
 
+def test_bf16_logits_sample_as_their_fp32_values():
+    """The model hands the sampler bf16 logits: greedy rows (a fused argmax on CPU) and random rows (filtered in fp32)
+    pick what they pick from the same values in fp32, in greedy-only and in mixed batches."""
+    logits = (torch.randn(6, 32000, generator=torch.Generator().manual_seed(3)) * 4).to(torch.bfloat16)
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie: the lowest id
+    greedy = [SamplingParams(temperature=0.0)] * 6
+    mixed = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_p=0.9),
+             SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=1.0, top_k=20),
+             SamplingParams(temperature=0.0), SamplingParams(temperature=0.5, min_p=0.1)]
+    for params in (greedy, mixed):
+        got = sample(logits, _build(params, logits))
+        want = sample(logits.float(), _build(params, logits.float()))
+        assert got.token_ids == want.token_ids
+        assert got.logprobs == want.logprobs and got.top_logprobs == want.top_logprobs
+    assert sample(logits, _build(greedy, logits)).token_ids[2] == 7
+
+
 def test_greedy_fast_path_builds_nothing():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     batch = _build([SamplingParams(temperature=0.0)] * 4, logits)

@@ -78,7 +78,7 @@ class LlamaModel(torch.nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """Run the step, writing this step's K/V into `kv_caches` (one [2, blocks, block_size, KVH, D] per layer),
-        and return fp32 logits [B, V] of `batch.logits_rows`."""
+        and return the logits [B, V] of `batch.logits_rows` in the model's dtype."""
         cfg, kern, eps = self.cfg, self.kernels, self.cfg.rms_norm_eps
         nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
@@ -113,4 +113,4 @@ class LlamaModel(torch.nn.Module):
                 x = x + mlp
         h = rms_norm(x if batch.attn_last is not None else x[batch.logits_rows], self.norm, eps)  # [B, hidden]
         head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(h, head).float()  # [B, V]
+        return F.linear(h, head)  # [B, V] in the model's dtype (the sampler reads bf16 logits directly)

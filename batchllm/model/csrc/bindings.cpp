@@ -12,6 +12,7 @@ at::Tensor silu_mul(const at::Tensor& gu);
 void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
                    const at::Tensor& positions, at::Tensor& kv, const at::Tensor& slots);
 at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index);
+at::Tensor argmax_rows(const at::Tensor& x);
 bool fused_ops_available();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -22,4 +23,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_write_kv", &rope_write_kv, "rotary embedding of q, k in place and K/V written to cache slots (bf16)");
   m.def("fused_ops_available", &fused_ops_available, "whether rms_norm ... merge were built (AVX512-BF16 CPU)");
   m.def("merge", &merge, "log-sum-exp merge of partial attention results into bf16 rows");
+  m.def("argmax_rows", &argmax_rows, "per row the index of the largest bf16 value (as torch.argmax in fp32)");
 }

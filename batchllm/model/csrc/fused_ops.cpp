@@ -12,11 +12,15 @@
 //   merge(out [N, H, D] fp32, lse [N, H] fp32, index [T, L]) -> [T, H, D] bf16
 //                                                            per row: sum_l softmax(lse[index[t, l]]) * out[index[t, l]]
 //                                                            (index >= N: no partial result)
+//   argmax_rows(x [B, V]) -> [B] int64                       per row the index of the largest value, the lowest
+//                                                            among ties; as torch.argmax of the fp32 values (a NaN
+//                                                            beats everything, the first NaN wins; -0 equals +0)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "simd.h"
@@ -202,6 +206,66 @@ at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor&
   return res;
 }
 
+namespace {
+
+// bf16 bits -> int16 keys ordered as the values: x >= 0 keeps its bits, x < 0 becomes -(bits of |x|), so -0 and +0
+// are equal; every NaN gets one key above +inf (0x7F80). Integers, so -ffast-math cannot assume the NaNs away.
+inline __m512i order_keys(__m512i bits) {
+  const __m512i mag = _mm512_and_si512(bits, _mm512_set1_epi16(0x7FFF));
+  const __m512i key = _mm512_mask_sub_epi16(mag, _mm512_movepi16_mask(bits), _mm512_setzero_si512(), mag);
+  return _mm512_mask_mov_epi16(key, _mm512_cmpgt_epi16_mask(mag, _mm512_set1_epi16(0x7F80)), _mm512_set1_epi16(0x7F81));
+}
+
+// Lane l of chunk c holds element 32 c + l; each lane keeps its largest key and the first chunk holding it.
+int64_t argmax_row(const bf16* x, int64_t V) {
+  __m512i best = _mm512_set1_epi16(INT16_MIN), best_chunk = _mm512_setzero_si512(), chunk = _mm512_setzero_si512();
+  const __m512i one = _mm512_set1_epi16(1);
+  for (int64_t i = 0; i < V; i += 32) {
+    __m512i key;
+    if (V - i >= 32) {
+      key = order_keys(_mm512_loadu_si512(x + i));
+    } else {  // lanes past the row's end keep INT16_MIN, below every real key
+      const __mmask32 valid = static_cast<__mmask32>((uint64_t{1} << (V - i)) - 1u);
+      key = _mm512_mask_mov_epi16(_mm512_set1_epi16(INT16_MIN), valid,
+                                  order_keys(_mm512_maskz_loadu_epi16(valid, x + i)));
+    }
+    const __mmask32 gt = _mm512_cmpgt_epi16_mask(key, best);  // strict: a tie keeps the earlier chunk
+    best = _mm512_mask_mov_epi16(best, gt, key);
+    best_chunk = _mm512_mask_mov_epi16(best_chunk, gt, chunk);
+    chunk = _mm512_add_epi16(chunk, one);
+  }
+  alignas(64) int16_t keys[32];
+  alignas(64) uint16_t chunks[32];
+  _mm512_store_si512(keys, best);
+  _mm512_store_si512(chunks, best_chunk);
+  int64_t arg = -1;
+  int16_t top = INT16_MIN;
+  for (int64_t lane = 0; lane < 32; ++lane) {
+    const int64_t index = int64_t{chunks[lane]} * 32 + lane;
+    if (lane >= V) continue;
+    if (arg < 0 || keys[lane] > top || (keys[lane] == top && index < arg)) {
+      top = keys[lane];
+      arg = index;
+    }
+  }
+  return arg;
+}
+
+}  // namespace
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  check_bf16(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.size(1) <= (int64_t{1} << 21), "x must be [B, V] with 0 < V <= 2^21");
+  const int64_t B = x.size(0), V = x.size(1);
+  auto out = at::empty({B}, x.options().dtype(at::kLong));
+  const bf16* px = x.data_ptr<bf16>();
+  int64_t* po = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 4, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) po[r] = argmax_row(px + r * V, V);
+  });
+  return out;
+}
+
 #else  // no AVX512-BF16: the model does not call these (fused_ops_available() is false)
 
 static void unavailable() { TORCH_CHECK(false, "fused ops need a CPU with AVX512-BF16"); }
@@ -211,4 +275,5 @@ at::Tensor silu_mul(const at::Tensor&) { unavailable(); return {}; }
 void rope_write_kv(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                    at::Tensor&, const at::Tensor&) { unavailable(); }
 at::Tensor merge(const at::Tensor&, const at::Tensor&, const at::Tensor&) { unavailable(); return {}; }
+at::Tensor argmax_rows(const at::Tensor&) { unavailable(); return {}; }
 #endif
