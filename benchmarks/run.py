@@ -1,10 +1,14 @@
 """Side-by-side benchmark: workloads x engines on this machine, same model, dtype (bf16) and KV budget.
 
     /work/main/.venv/bin/python -m benchmarks.run [--quick] [--workloads a,b] [--engines x,y] [--model-size 56m]
+                                                  [--rounds N]
 
 Each engine runs as a subprocess with its own venv's python (peers: benchmarks/setup_peers.sh), one invocation per
-distinct KV budget, sequentially. Writes bench-results/<stamp>/{results.md,results.json,workloads/,raw/,logs/} and
-copies the table to bench-results/latest.md. The bf16 matmul peak (4096^2, 2 threads) is measured in the same run.
+distinct KV budget, sequentially. With --rounds N every engine runs N times, the engine order reversed in every
+other round, and a second table gives batchllm's ratio to each peer per round, with the median and the range: this
+machine's speed drifts by up to 40% within minutes, so one round's ratio can mislead (rounds after the first write
+to round<N>/ folders). Writes bench-results/<stamp>/{results.md,results.json,workloads/,raw/,logs/} and copies the
+table to bench-results/latest.md. The bf16 matmul peak (4096^2, 2 threads) is measured in the same run.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=1200,
                     help="seconds per runner invocation (workloads it finished before are kept)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every engine this many times, alternating the order; report per-round ratios")
     ap.add_argument("--out", default=str(RESULTS), help="results root folder")
     args = ap.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
@@ -58,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for e in args.engines:
         if e not in ENGINES:
             ap.error(f"unknown engine {e!r}; expected one of {ENGINES}")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     for w in args.workloads:
         if w not in workloads.WORKLOAD_NAMES:
             ap.error(f"unknown workload {w!r}; expected one of {workloads.WORKLOAD_NAMES}")
@@ -185,10 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     peak_before = measure_bf16_peak(args.threads)
     print(f"bf16 matmul peak (4096^2, {args.threads} threads): {peak_before / 1e9:.0f} GFLOP/s", flush=True)
 
-    results: dict[tuple[str, str], dict] = {}
-    for engine in args.engines:
-        for name, record in run_engine(engine, paths, loads, model, kv_default, run_dir, args).items():
-            results[(name, engine)] = record
+    rounds: list[dict[tuple[str, str], dict]] = []
+    for r in range(args.rounds):
+        round_dir = run_dir if r == 0 else run_dir / f"round{r + 1}"
+        if args.rounds > 1:
+            print(f"round {r + 1} of {args.rounds}", flush=True)
+        results: dict[tuple[str, str], dict] = {}
+        for engine in (args.engines if r % 2 == 0 else args.engines[::-1]):
+            for name, record in run_engine(engine, paths, loads, model, kv_default, round_dir, args).items():
+                results[(name, engine)] = record
+        rounds.append(results)
+    results = rounds[0]
     peak_after = measure_bf16_peak(args.threads)
     peak = max(peak_before, peak_after)
 
@@ -203,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     notes = "\n".join(f"- {name}: {w['description']}" for name, w in loads.items())
     pairs = summary.pairwise_agreement(results, args.workloads, args.engines)
     text = header + table + "\nIdentical greedy sequences between engines (mean leading-token agreement):\n" + pairs
+    if args.rounds > 1:
+        per_round = summary.round_ratios(rounds, args.workloads, args.engines)
+        text += (f"\nbatchllm's total-throughput ratio to each engine in each of {args.rounds} rounds (the table above "
+                 "is round 1):\n\n" + summary.rounds_markdown(per_round))
     text += "\nWorkloads:\n" + notes + "\n"
     print("\n" + text, flush=True)
     (run_dir / "results.md").write_text(text, encoding="utf-8")
@@ -211,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model), "layer_params": layer_params, "head_params": head_params,
         "peak_flops_before": peak_before, "peak_flops_after": peak_after, "default_kv_bytes": kv_default,
         "rows": [r.__dict__ for r in rows],
-        "records": [{k: v for k, v in rec.items() if k != "outputs"} | {"workload": w, "engine": e}
-                    for (w, e), rec in results.items()],
+        "records": [{k: v for k, v in rec.items() if k != "outputs"} | {"workload": w, "engine": e, "round": i + 1}
+                    for i, res in enumerate(rounds) for (w, e), rec in res.items()],
     }
     (run_dir / "results.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
     shutil.copyfile(run_dir / "results.md", Path(args.out) / "latest.md")

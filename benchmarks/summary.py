@@ -138,3 +138,37 @@ def pairwise_agreement(results: dict[tuple[str, str], dict], workloads: list[str
         if parts:
             lines.append(f"- {w}: " + ", ".join(parts))
     return "\n".join(lines) + "\n"
+
+
+def round_ratios(rounds: list[dict[tuple[str, str], dict]], workloads: list[str],
+                 engines: list[str]) -> list[tuple[str, str, list[float | None]]]:
+    """Per (workload, peer engine): batchllm's total-throughput ratio to that engine in each round (None where either
+    failed). Each round ran every engine once, so a ratio compares two runs minutes apart, not hours."""
+    out = []
+    for w in workloads:
+        for e in engines:
+            if e == OURS:
+                continue
+            ratios: list[float | None] = []
+            for results in rounds:
+                ours, peer = results.get((w, OURS)), results.get((w, e))
+                ok = ours and peer and "error" not in ours and "error" not in peer and peer["total_tok_s"] > 0
+                ratios.append(ours["total_tok_s"] / peer["total_tok_s"] if ok else None)
+            if any(r is not None for r in ratios):
+                out.append((w, e, ratios))
+    return out
+
+
+def rounds_markdown(ratios: list[tuple[str, str, list[float | None]]]) -> str:
+    """The per-round ratios as a markdown table: every round's figure, then the median and the range."""
+    n = max((len(r) for _, _, r in ratios), default=0)
+    head = "| workload | vs engine | " + " | ".join(f"round {i + 1}" for i in range(n)) + " | median | min - max |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for w, e, rs in ratios:
+        ok = sorted(r for r in rs if r is not None)
+        mid = None
+        if ok:
+            mid = ok[len(ok) // 2] if len(ok) % 2 else (ok[len(ok) // 2 - 1] + ok[len(ok) // 2]) / 2
+        spread = f"{ok[0]:.2f} - {ok[-1]:.2f}" if ok else "-"
+        lines.append(f"| {w} | {e} | " + " | ".join(_fmt(r, ".2f") for r in rs) + f" | {_fmt(mid, '.2f')} | {spread} |")
+    return "\n".join(lines) + "\n"

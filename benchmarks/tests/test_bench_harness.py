@@ -197,6 +197,24 @@ def test_run_args_engine_defaults_and_validation():
         parse_args(["--engines", "sglang"])
     with pytest.raises(SystemExit):
         parse_args(["--workloads", "nope"])
+    assert parse_args([]).rounds == 1 and parse_args(["--rounds", "3"]).rounds == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--rounds", "0"])
+
+
+def test_round_ratios_median_and_range():
+    rounds = [
+        {("w", "batchllm"): _record("batchllm", 1.0, [[1]]), ("w", "vllm"): _record("vllm", 2.0, [[1]])},
+        {("w", "batchllm"): _record("batchllm", 1.0, [[1]]), ("w", "vllm"): {"error": "exit 1"}},
+        {("w", "batchllm"): _record("batchllm", 2.0, [[1]]), ("w", "vllm"): _record("vllm", 3.0, [[1]])},
+        {("w", "batchllm"): _record("batchllm", 1.0, [[1]]), ("w", "vllm"): _record("vllm", 1.5, [[1]])},
+    ]
+    ratios = summary.round_ratios(rounds, ["w"], ["batchllm", "vllm", "hf"])
+    assert [(w, e) for w, e, _ in ratios] == [("w", "vllm")]  # hf never ran: no line
+    assert ratios[0][2] == pytest.approx([2.0, None, 1.5, 1.5])
+    table = summary.rounds_markdown(ratios)
+    assert "| w | vllm | 2.00 | - | 1.50 | 1.50 | 1.50 | 1.50 - 2.00 |" in table
+    assert table.splitlines()[0].count("round") == 4
 
 
 def test_pairwise_agreement_lists_successful_pairs():
