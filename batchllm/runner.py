@@ -41,29 +41,34 @@ class ModelRunner:
         """Pack the plan into one ForwardBatch; logits are wanted for the last row of each sampling leaf."""
         bs = self.kv.block_size
         ids: list[int] = []
-        pos_chunks, slot_chunks, parts = [], [], []
-        shared: dict[int, tuple[Sequence, list[np.ndarray]]] = {}
+        positions: list[int] = []
+        slots: list[int] = []
+        parts: list[AttnPart] = []
+        shared: dict[int, tuple[Sequence, list[int]]] = {}
         row = 0
         logits_rows = []
         for seq, n in zip(plan.seqs, plan.num_new):
             c = seq.num_computed_tokens
             ids.extend(seq.token_ids[c:c + n])
-            pos = np.arange(c, c + n, dtype=np.int64)  # [n]
-            rel = pos - seq.start
-            blocks = np.asarray(seq.blocks, dtype=np.int64)
-            pos_chunks.append(pos)
-            slot_chunks.append(blocks[rel // bs] * bs + rel % bs)  # [n]
-            rows = np.arange(row, row + n, dtype=np.int64)
-            parts.append(AttnPart(rows, seq.blocks, seq.start, c + n - seq.start))
+            positions.extend(range(c, c + n))
+            rel = c - seq.start
+            if n == 1:  # a decode: plain ints (most rows of a decode step; numpy per row costs more than it saves)
+                slots.append(seq.blocks[rel // bs] * bs + rel % bs)
+            else:
+                rel_pos = np.arange(rel, rel + n, dtype=np.int64)  # [n]
+                slots.extend((np.asarray(seq.blocks, dtype=np.int64)[rel_pos // bs] * bs + rel_pos % bs).tolist())
+            rows = list(range(row, row + n))
+            parts.append(AttnPart(np.asarray(rows, dtype=np.int64), seq.blocks, seq.start, c + n - seq.start))
             for node in seq.ancestors():
-                shared.setdefault(id(node), (node, []))[1].append(rows)
+                shared.setdefault(id(node), (node, []))[1].extend(rows)
             row += n
             if c + n == seq.num_tokens and not seq.is_node:
                 logits_rows.append(row - 1)
         for node, rows in shared.values():
-            parts.append(AttnPart(np.concatenate(rows), node.blocks, node.start, node.num_tokens - node.start))
-        positions = np.concatenate(pos_chunks)
-        meta = AttentionMetadata.build(parts, positions, np.concatenate(slot_chunks), bs, self.device,
+            parts.append(AttnPart(np.asarray(rows, dtype=np.int64), node.blocks, node.start,
+                                  node.num_tokens - node.start))
+        positions = np.asarray(positions, dtype=np.int64)  # [T]
+        meta = AttentionMetadata.build(parts, positions, np.asarray(slots, dtype=np.int64), bs, self.device,
                                        sliding_window=self.model.cfg.sliding_window, dtype=self.model.dtype)
         dev = self.device
         return ForwardBatch(

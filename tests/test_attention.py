@@ -404,6 +404,23 @@ def test_build_rejects_row_without_visible_key():
         AttentionMetadata.build(parts, np.array([3, 5]), np.array([0, 1]), 16, CPU)
 
 
+def test_ragged_parts_slots_exact():
+    """The ragged kernel's key slots, built for all parts at once: each part's keys in block order, cut at kv_len."""
+    parts = [AttnPart(np.array([0]), [7, 2, 9], 20, 9),  # 2 blocks of 4 + 1 key of the third
+             AttnPart(np.array([1]), [5], 0, 4),  # exactly one block
+             AttnPart(np.array([2, 3]), [3, 8, 6], 4, 6),  # the third block is not read
+             AttnPart(np.array([4]), [1, 0], 8, 1)]
+    ragged = attn_mod.RaggedParts.build(parts, np.array([40, 40, 40, 40, 40]), 4, CPU)
+    assert ragged.kv_slots.tolist() == [28, 29, 30, 31, 8, 9, 10, 11, 36,
+                                        20, 21, 22, 23,
+                                        12, 13, 14, 15, 32, 33,
+                                        4]
+    assert ragged.kv_ptr.tolist() == [0, 9, 13, 19, 20]
+    assert ragged.q_rows.tolist() == [0, 1, 2, 3, 4] and ragged.kv_start.tolist() == [20, 0, 4, 8]
+    with pytest.raises(ValueError, match="has 1 blocks"):
+        attn_mod.RaggedParts.build([AttnPart(np.array([0]), [5], 0, 5)], np.array([9]), 4, CPU)
+
+
 def test_empty_step():
     meta = AttentionMetadata.build([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 16, CPU)
     cache = torch.zeros(2, 4, 16, 2, 8)

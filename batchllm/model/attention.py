@@ -79,7 +79,7 @@ class RaggedParts:
         q_counts = np.array([len(p.q_rows) for p in parts], dtype=np.int64)
         kv_counts = np.array([p.kv_len for p in parts], dtype=np.int64)
         rows = np.concatenate([np.asarray(p.q_rows, dtype=np.int64) for p in parts])
-        slots = np.concatenate([_segment_slots(p.block_ids, p.kv_len, block_size) for p in parts])
+        slots = _parts_slots(parts, kv_counts, block_size)
         return cls(
             q_ptr=torch.from_numpy(np.concatenate(([0], np.cumsum(q_counts)))).to(device),
             q_rows=torch.from_numpy(rows).to(device),
@@ -103,10 +103,19 @@ class RaggedParts:
         return seen
 
 
-def _segment_slots(block_ids: Sequence[int], kv_len: int, block_size: int) -> np.ndarray:
-    """Flat cache slots [kv_len] of a segment's keys."""
-    blocks = np.asarray(block_ids[: -(-kv_len // block_size)], dtype=np.int64)  # [nb]
-    return (blocks[:, None] * block_size + np.arange(block_size, dtype=np.int64)).reshape(-1)[:kv_len]
+def _parts_slots(parts: Sequence[AttnPart], kv_counts: np.ndarray, block_size: int) -> np.ndarray:
+    """The flat cache slots of every part's keys, part after part: [sum of kv_len] (one pass for all parts)."""
+    used = -(-kv_counts // block_size)  # [P] blocks each part reads
+    for p, n in zip(parts, used.tolist()):
+        if len(p.block_ids) < n:
+            raise ValueError(f"segment of {p.kv_len} keys has {len(p.block_ids)} blocks of {block_size}")
+    blocks = np.fromiter((b for p, n in zip(parts, used.tolist()) for b in p.block_ids[:n]), dtype=np.int64,
+                         count=int(used.sum()))  # [NB]
+    slots = (blocks[:, None] * block_size + np.arange(block_size, dtype=np.int64)).reshape(-1)  # [NB * bs]
+    # key j of a part's padded run is real while j < kv_len
+    start = np.repeat(np.cumsum(used) - used, used * block_size) * block_size  # [NB * bs] run start of each slot
+    limit = np.repeat(kv_counts, used * block_size)  # [NB * bs]
+    return slots[np.arange(slots.shape[0]) - start < limit]
 
 
 @dataclass
