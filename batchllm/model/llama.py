@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from batchllm.config import ModelConfig
 from batchllm.model.attention import AttentionMetadata, paged_attention, write_kv
 from batchllm.model.cpu_kernels import load_cpu_kernels, load_fused_ops
-from batchllm.model.layers import RotaryTable, add_rms_norm, apply_rotary, gated_mlp, rms_norm
+from batchllm.model.layers import Linear, RotaryTable, add_rms_norm, apply_rotary, gated_mlp, rms_norm
 
 
 @dataclass
@@ -44,14 +44,10 @@ class DecoderLayer(torch.nn.Module):
 
         self.input_norm = param(h)
         self.post_attn_norm = param(h)
-        self.qkv = param(qkv_out, h)
-        self.qkv_bias = param(qkv_out) if cfg.qkv_bias else None
-        self.o_proj = param(h, cfg.num_heads * d)
-        self.o_bias = param(h) if cfg.o_bias else None
-        self.gate_up = param(2 * cfg.intermediate_size, h)
-        self.gate_up_bias = param(2 * cfg.intermediate_size) if cfg.mlp_bias else None
-        self.down = param(h, cfg.intermediate_size)
-        self.down_bias = param(h) if cfg.mlp_bias else None
+        self.qkv = Linear(qkv_out, h, cfg.qkv_bias, dtype, device)
+        self.o_proj = Linear(h, cfg.num_heads * d, cfg.o_bias, dtype, device)
+        self.gate_up = Linear(2 * cfg.intermediate_size, h, cfg.mlp_bias, dtype, device)
+        self.down = Linear(h, cfg.intermediate_size, cfg.mlp_bias, dtype, device)
 
 
 class LlamaModel(torch.nn.Module):
@@ -65,8 +61,9 @@ class LlamaModel(torch.nn.Module):
                                         requires_grad=False)
         self.layers = torch.nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
         self.norm = torch.nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
-        self.lm_head = None if cfg.tie_word_embeddings else torch.nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.lm_head = Linear(cfg.vocab_size, cfg.hidden_size, False, dtype, device)
+        if cfg.tie_word_embeddings:  # one tensor, until `pack_weights` gives the head its own packed copy
+            self.lm_head.weight = self.embed
         self.rotary = RotaryTable(cfg.rope, cfg.head_dim, cfg.max_model_len, dtype, device)
         self.scale = cfg.head_dim ** -0.5
         # bf16 on CPU: fused C++ element-wise ops (norms, residual adds, rotary + cache write, SiLU * up). On CPU the
@@ -74,6 +71,15 @@ class LlamaModel(torch.nn.Module):
         self.kernels = load_fused_ops(dtype, device)
         if torch.device(device).type == "cpu":
             load_cpu_kernels()
+
+    def pack_weights(self) -> None:
+        """Called once the weights are loaded: move every projection and the lm_head into the matmul library's
+        packed layout where that applies (`Linear.pack`: bf16 on CPU). With tied embeddings the head then keeps
+        its own copy (vocab x hidden more memory); the embedding lookup keeps the plain table."""
+        for layer in self.layers:
+            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+                linear.pack()
+        self.lm_head.pack()
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
@@ -86,7 +92,7 @@ class LlamaModel(torch.nn.Module):
             cos, sin = self.rotary.lookup(batch.positions)  # [T, 1, D] each
         h = rms_norm(x, self.layers[0].input_norm, eps, kern)  # [T, hidden]
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [T, (H + 2 KVH) D]
+            qkv = layer.qkv(h)  # [T, (H + 2 KVH) D]
             q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
             q = q.view(-1, nh, d)  # [T, H, D]
             k = k.view(-1, nkv, d)  # [T, KVH, D]
@@ -104,13 +110,12 @@ class LlamaModel(torch.nn.Module):
                 o = paged_attention(q, k, v, kv_cache, batch.attn_last, self.scale, kv_written=True)  # [B, H, D]
             else:
                 o = paged_attention(q, k, v, kv_cache, batch.attn, self.scale, kv_written=kern is not None)  # [T, H, D]
-            o = F.linear(o.reshape(-1, nh * d), layer.o_proj, layer.o_bias)  # [T or B, hidden]
+            o = layer.o_proj(o.reshape(-1, nh * d))  # [T or B, hidden]
             x, h = add_rms_norm(x, o, layer.post_attn_norm, eps, kern)
-            mlp = gated_mlp(h, layer.gate_up, layer.down, layer.gate_up_bias, layer.down_bias, kern)  # [T or B, hidden]
+            mlp = gated_mlp(h, layer.gate_up, layer.down, kern)  # [T or B, hidden]
             if i + 1 < len(self.layers):
                 x, h = add_rms_norm(x, mlp, self.layers[i + 1].input_norm, eps, kern)
             else:
                 x = x + mlp
         h = rms_norm(x if batch.attn_last is not None else x[batch.logits_rows], self.norm, eps)  # [B, hidden]
-        head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(h, head)  # [B, V] in the model's dtype (the sampler reads bf16 logits directly)
+        return self.lm_head(h)  # [B, V] in the model's dtype (the sampler reads bf16 logits directly)
