@@ -106,9 +106,13 @@ class Linear(torch.nn.Module):
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether `Linear.pack` applies to this weight: bf16 on CPU, with torch built with oneDNN (mkldnn)."""
-    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """Whether `Linear.pack` applies to this weight: bf16 on CPU, with torch built with oneDNN (mkldnn) and oneDNN
+    able to run bf16 on this CPU."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    return (hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_is_mkldnn_bf16_supported") and bool(ops._is_mkldnn_bf16_supported()))
 
 
 def gated_mlp(x: torch.Tensor, gate_up: Linear, down: Linear, kernels=None) -> torch.Tensor:
