@@ -81,8 +81,8 @@ class Linear(torch.nn.Module):
 
     `pack()` moves W once into oneDNN's blocked layout (bf16 on a CPU with oneDNN only) and drops the plain copy. The
     product keeps its value (the same oneDNN kernel computes it; `test_layers.py` checks it bit for bit) and skips the
-    per-call weight reordering, which costs the most when few rows multiply a large weight: 1.5-2x for a 32000-row
-    lm_head at 16-128 rows, 1.1-1.4x for a layer's projections at 16-64 rows, ~1.05x at 2048 rows (2 threads).
+    per-call weight reordering, which costs the most when few rows multiply a large weight: 1.2-2.5x for a 32000-row
+    lm_head at 16-128 rows, 1.1-1.5x for a layer's projections at 16-64 rows, 1.01-1.05x at 2048 rows (2 threads).
     """
 
     def __init__(self, out_features: int, in_features: int, bias: bool, dtype: torch.dtype, device: torch.device):
