@@ -101,6 +101,7 @@ class Linear(torch.nn.Module):
     def pack(self) -> None:
         """Replace W by its oneDNN-packed form where that applies (bf16 on CPU); else leave it as it is."""
         if self.packed is None and can_pack(self.weight):
+            # 16: oneDNN's batch-size hint for the layout; 1, 16, 128 and 2048 ran at the same speed at 1-2048 rows
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 16)
             self.weight = None
 
