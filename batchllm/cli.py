@@ -11,6 +11,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on AVX512-BF16 CPUs and CUDA, else fp32), float32, bfloat16")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="exact KV cache budget in bytes")
+    p.add_argument("--kv-cache-commit", default="auto", choices=["auto", "upfront", "lazy"],
+                   help="CPU: write the KV cache's pages at start-up or as blocks fill; auto: at start-up when "
+                        "--kv-cache-memory-bytes is given")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--policy", default="batchllm", choices=["batchllm", "fcfs-cache", "lpm-cache", "fcfs"])
@@ -19,7 +22,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory_bytes, block_size=args.block_size,
+    return dict(dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                kv_cache_commit=args.kv_cache_commit, block_size=args.block_size,
                 max_num_batched_tokens=args.max_num_batched_tokens, policy=args.policy, seed=args.seed,
                 device=args.device)
 

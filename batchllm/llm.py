@@ -113,7 +113,7 @@ class LLM:
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", kv_cache_memory_bytes: int | None = None,
                  block_size: int = 16, max_num_batched_tokens: int = 2048, seed: int = 0, device: str = "auto",
                  policy: str = "batchllm", decode_estimate: str = "history", max_num_seqs: int = 256,
-                 plan_mode: str = "nested"):
+                 plan_mode: str = "nested", kv_cache_commit: str = "auto"):
         model_dir = Path(model)
         if not (model_dir / "config.json").exists():
             model_dir = Path(_download(str(model)))
@@ -123,6 +123,11 @@ class LLM:
         self.model_config = ModelConfig.from_hf(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         budget = kv_cache_memory_bytes if kv_cache_memory_bytes is not None else default_kv_budget(self.device)
+        if kv_cache_commit not in ("auto", "upfront", "lazy"):
+            raise ValueError(f"kv_cache_commit must be 'auto', 'upfront' or 'lazy', got {kv_cache_commit!r}")
+        # An explicit budget is a reservation: committed now, as vLLM does, so the run never waits on fresh pages.
+        # The default budget (a guessed share of RAM) stays a ceiling: committed only as blocks fill.
+        commit = kv_cache_commit == "upfront" or (kv_cache_commit == "auto" and kv_cache_memory_bytes is not None)
         num_blocks = KVCache.blocks_for_budget(self.model_config, budget, block_size, self.dtype)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_bytes={budget} holds no KV block of {block_size} tokens "
@@ -136,7 +141,7 @@ class LLM:
         self.max_num_seqs = max_num_seqs
         self.model = LlamaModel(self.model_config, self.dtype, self.device)
         load_weights(self.model, model_dir)
-        self.kv = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device)
+        self.kv = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device, commit=commit)
         eos = self.model_config.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id
                                                    is not None else ())
         self.eos_token_ids = frozenset(eos)

@@ -1,7 +1,11 @@
 """ModelConfig.from_hf and engine construction: architectures, rope, dtype and KV budget."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +72,17 @@ def test_kv_budget_is_honoured_exactly(tiny_llama):
         LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=per_block - 1, block_size=4)
 
 
+def test_kv_cache_commit_auto_commits_an_explicit_budget_only(tiny_llama, monkeypatch):
+    path = str(tiny_llama)
+    assert LLM(path, dtype="float32", kv_cache_memory_bytes=1 << 20).kv.committed
+    assert not LLM(path, dtype="float32", kv_cache_memory_bytes=1 << 20, kv_cache_commit="lazy").kv.committed
+    monkeypatch.setattr("batchllm.llm.default_kv_budget", lambda device: 1 << 20)
+    assert not LLM(path, dtype="float32").kv.committed  # the default budget is a guess: committed as blocks fill
+    assert LLM(path, dtype="float32", kv_cache_commit="upfront").kv.committed
+    with pytest.raises(ValueError, match="kv_cache_commit"):
+        LLM(path, dtype="float32", kv_cache_commit="eager")
+
+
 def test_dtype_resolution():
     cpu = torch.device("cpu")
     assert resolve_dtype("float32", cpu) is torch.float32
@@ -84,10 +99,12 @@ def test_engine_config_validates():
         EngineConfig(block_size=0)
 
 
+@pytest.mark.parametrize("commit", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cpu_kv_cache_is_zeroed_writable_and_of_its_dtype(tiny_llama, dtype):
+def test_cpu_kv_cache_is_zeroed_writable_and_of_its_dtype(tiny_llama, dtype, commit):
     cfg = ModelConfig.from_hf(tiny_llama)
-    kv = KVCache(cfg, 5, 4, dtype, torch.device("cpu"))
+    kv = KVCache(cfg, 5, 4, dtype, torch.device("cpu"), commit=commit)
+    assert kv.committed is commit
     assert len(kv.layers) == cfg.num_layers
     for t in kv.layers:
         assert t.dtype is dtype and t.is_contiguous()
@@ -95,3 +112,44 @@ def test_cpu_kv_cache_is_zeroed_writable_and_of_its_dtype(tiny_llama, dtype):
         assert torch.count_nonzero(t) == 0
     kv.layers[0][1, 2, 3] = 1.5
     assert kv.layers[0][1, 2, 3].float().eq(1.5).all() and torch.count_nonzero(kv.layers[1]) == 0
+
+
+_RSS_PROBE = """
+import os, sys, torch
+from batchllm.config import ModelConfig
+from batchllm.kv.cache import KVCache
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+cfg = ModelConfig.from_hf(sys.argv[1])
+blocks = int(sys.argv[2])
+cpu = torch.device("cpu")
+before = rss()
+lazy = KVCache(cfg, blocks, 16, torch.bfloat16, cpu, commit=False)
+after_lazy = rss()
+committed = KVCache(cfg, blocks, 16, torch.bfloat16, cpu, commit=True)
+after_commit = rss()
+lazy.layers[0].fill_(1.0)
+after_write = rss()
+assert all(torch.count_nonzero(t) == 0 for t in committed.layers)
+print(after_lazy - before, after_commit - after_lazy, after_write - after_commit)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set from /proc")
+def test_cpu_kv_cache_commit_writes_its_pages_now_and_lazy_does_not(tiny_llama):
+    """In a fresh process (freed memory of other tests would already be resident): the lazy cache adds nothing to
+    the resident set until written, the committed one all of its bytes at construction."""
+    cfg = ModelConfig.from_hf(tiny_llama)
+    per_block = cfg.num_layers * 2 * 16 * cfg.num_kv_heads * cfg.head_dim * 2  # bf16 bytes, K and V, 16 tokens
+    blocks = (32 << 20) // per_block  # 32 MiB: large enough to read from the resident set
+    total, layer = blocks * per_block, blocks * per_block // cfg.num_layers
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(tiny_llama), str(blocks)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    lazy, committed, first_write = map(int, out.split())
+    assert lazy < total // 8
+    assert committed >= total * 9 // 10
+    assert first_write >= layer * 9 // 10  # the lazy cache's pages arrive on first write

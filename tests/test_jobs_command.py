@@ -327,3 +327,12 @@ def test_unseeded_requests_sample_with_a_seed_of_their_custom_id(model_dir):
     assert first[2][1].seed == 5
     other_job = command.Validator(encoder, 512, make_params=SamplingParams, job_seed=4).prepare([b])
     assert other_job[0][1].seed != later[0][1].seed
+
+
+def test_engine_options_pass_only_what_the_command_line_set(tmp_path):
+    args = parse_args("-i", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tmp_path,
+                      "--kv-cache-memory-bytes", 1 << 20, "--kv-cache-commit", "lazy", "--block-size", 8)
+    assert command.engine_options(args) == {"kv_cache_memory_bytes": 1 << 20, "kv_cache_commit": "lazy",
+                                            "block_size": 8}
+    with pytest.raises(SystemExit):
+        parse_args("-i", "a", "-o", "b", "--model", "m", "--kv-cache-commit", "eager")

@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None)
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="exact KV cache budget in bytes")
+    g.add_argument("--kv-cache-commit", choices=("auto", "upfront", "lazy"), default=None,
+                   help="CPU: write the KV cache's pages at start-up or as blocks fill (default auto: at start-up "
+                        "when --kv-cache-memory-bytes is given)")
     g.add_argument("--block-size", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--policy", choices=POLICIES, default=None)
@@ -397,7 +400,8 @@ def write_result(writer: ResultWriter, req: ob.BatchRequest, out: Any, totals: J
     writer.write(ob.response_line(req, out, model_name, int(time.time()), token_text))
 
 
-ENGINE_OPTIONS = ("dtype", "kv_cache_memory_bytes", "block_size", "max_num_batched_tokens", "policy", "seed", "device")
+ENGINE_OPTIONS = ("dtype", "kv_cache_memory_bytes", "kv_cache_commit", "block_size", "max_num_batched_tokens", "policy",
+                  "seed", "device")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,7 +5,7 @@ carry a hash (its KV is valid and can be revived by `touch`); `allocate` takes b
 evicts the hash of any block it hands out. Freed blocks with a hash join the tail, so cached blocks are evicted in
 least-recently-freed order; freed blocks without one join the head and are handed out first: they hold nothing worth
 keeping, and their memory is already mapped, while a never-used block costs a page fault per 4 KiB on its first write
-(on CPU the cache tensors are allocated lazily; about 0.5 GB/s here).
+(on CPU, when the cache is committed lazily; about 0.5 GB/s here).
 
     allocate(n)  -> takes n blocks from the queue head (ref 0 -> 1, hash evicted)
     touch(b)     -> ref += 1 (a free cached block leaves the queue)
