@@ -30,6 +30,7 @@ CSRC = "batchllm/model/csrc"
 FILES = ["bindings.cpp", "ragged_attention.cpp", "fused_ops.cpp", "simd.h"]
 CASES = [  # (parts, queries per part, keys per part, causal)
     (10, 16, 1536, False),
+    (8, 16, 512, False),
     (8, 16, 1024, False),
     (128, 1, 128, False),
     (160, 1, 192, False),
