@@ -71,12 +71,18 @@ def default_kv_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.8)
+    available = available_memory()
+    return 2 << 30 if available is None else int(available * 0.25)
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, or None where it cannot be read."""
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return int(info["MemAvailable"] * 0.25)
-    except (OSError, KeyError):
-        return 2 << 30
+        return info["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
 
 
 class Stats(dict):
@@ -128,6 +134,10 @@ class LLM:
         # An explicit budget is a reservation: committed now, as vLLM does, so the run never waits on fresh pages.
         # The default budget (a guessed share of RAM) stays a ceiling: committed only as blocks fill.
         commit = kv_cache_commit == "upfront" or (kv_cache_commit == "auto" and kv_cache_memory_bytes is not None)
+        available = available_memory() if commit and self.device.type == "cpu" else None
+        if available is not None and budget > available:
+            raise ValueError(f"kv_cache_memory_bytes={budget} is more than the {available} bytes of memory available "
+                             f"to commit now; pass a smaller budget, or kv_cache_commit='lazy' to map it as it fills")
         num_blocks = KVCache.blocks_for_budget(self.model_config, budget, block_size, self.dtype)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_bytes={budget} holds no KV block of {block_size} tokens "

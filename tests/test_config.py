@@ -83,6 +83,15 @@ def test_kv_cache_commit_auto_commits_an_explicit_budget_only(tiny_llama, monkey
         LLM(path, dtype="float32", kv_cache_commit="eager")
 
 
+def test_a_committed_budget_beyond_available_memory_fails_at_start(tiny_llama, monkeypatch):
+    path = str(tiny_llama)
+    monkeypatch.setattr("batchllm.llm.available_memory", lambda: 4 << 20)
+    with pytest.raises(ValueError, match="more than the 4194304 bytes of memory available"):
+        LLM(path, dtype="float32", kv_cache_memory_bytes=8 << 20)
+    assert LLM(path, dtype="float32", kv_cache_memory_bytes=2 << 20).kv.committed  # within it: committed
+    assert not LLM(path, dtype="float32", kv_cache_memory_bytes=8 << 20, kv_cache_commit="lazy").kv.committed
+
+
 def test_dtype_resolution():
     cpu = torch.device("cpu")
     assert resolve_dtype("float32", cpu) is torch.float32
