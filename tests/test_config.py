@@ -135,6 +135,8 @@ def rss():
 cfg = ModelConfig.from_hf(sys.argv[1])
 blocks = int(sys.argv[2])
 cpu = torch.device("cpu")
+KVCache(cfg, 4, 16, torch.bfloat16, cpu, commit=False)  # one-time start-up allocations happen before measuring
+KVCache(cfg, 4, 16, torch.bfloat16, cpu, commit=True)
 before = rss()
 lazy = KVCache(cfg, blocks, 16, torch.bfloat16, cpu, commit=False)
 after_lazy = rss()
@@ -149,11 +151,11 @@ print(after_lazy - before, after_commit - after_lazy, after_write - after_commit
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set from /proc")
 def test_cpu_kv_cache_commit_writes_its_pages_now_and_lazy_does_not(tiny_llama):
-    """In a fresh process (freed memory of other tests would already be resident): the lazy cache adds nothing to
-    the resident set until written, the committed one all of its bytes at construction."""
+    """In a fresh process (freed memory of other tests would already be resident), after one small cache of each
+    kind: the lazy cache adds nothing to the resident set until written, the committed one all of its bytes."""
     cfg = ModelConfig.from_hf(tiny_llama)
     per_block = cfg.num_layers * 2 * 16 * cfg.num_kv_heads * cfg.head_dim * 2  # bf16 bytes, K and V, 16 tokens
-    blocks = (32 << 20) // per_block  # 32 MiB: large enough to read from the resident set
+    blocks = (64 << 20) // per_block  # 64 MiB: large enough to read from the resident set
     total, layer = blocks * per_block, blocks * per_block // cfg.num_layers
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(tiny_llama), str(blocks)], env=env, check=True,
