@@ -194,6 +194,7 @@ namespace bf16k {
 constexpr int64_t KB = 256;         // keys per block (fewer passes over the accumulators: 1.1-1.4x over 32)
 constexpr int64_t SMALL_TASK_KB = 32;  // keys per block in tasks of at most 3 row tiles
 constexpr int64_t SMALL_MAX_ROWS = 8;  // run_small handles parts of at most this many rows per KV head
+constexpr int64_t SMALL_KB = 16;  // keys per block in run_small
 constexpr int64_t TASK_ROWS = 256;  // rows per task (bounds the per-thread buffers to L2)
 
 inline __m512 dp(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
@@ -241,6 +242,8 @@ struct Buffers {
   std::vector<float> st, acc, m, l, c, bmax;
   std::vector<uint8_t> active;
   std::vector<int32_t> tmax, tmin, tlo;
+  std::vector<const char*> pf;  // queued cache lines of the next key block: pf[pf_i .. pf_n) not yet prefetched
+  int64_t pf_n = 0, pf_i = 0;
   void reserve(int64_t D, int64_t KVH, bool tasks) {
     const int64_t small_rows = KVH * SMALL_MAX_ROWS;  // run_small: its rows for every KV head
     const int64_t R = tasks ? std::max(TASK_ROWS, small_rows) : small_rows;
@@ -248,6 +251,7 @@ struct Buffers {
     grow(m, R);
     grow(l, R);
     grow(pp, tasks ? KB / 2 * R + 16 * 8 : SMALL_MAX_ROWS * 8);
+    grow(pf, std::max(KB * 2 * ((D * 2 + 63) / 64), SMALL_KB * 2 * ((KVH * D * 2 + 63) / 64)));
     if (!tasks) return;
     grow(qp, R * D / 2);
     grow(vp, KB / 2 * D);
@@ -278,9 +282,28 @@ inline void store_row(float* o, const float* acc, int64_t D, float inv) {
       for (int64_t lane = 0; lane < 16; ++lane) o[32 * c + 8 * (lane / 4) + 4 * h + lane % 4] = acc[32 * c + 16 * h + lane] * inv;
 }
 
+// Queue the cache lines of one key's K and V (n values each from k and v) for prefetch_queued.
+inline void queue_row(Buffers& B, const at::BFloat16* k, const at::BFloat16* v, int64_t n) {
+  const char* kc = reinterpret_cast<const char*>(k);
+  const char* vc = reinterpret_cast<const char*>(v);
+  for (int64_t off = 0; off < n * 2; off += 64) {
+    B.pf[B.pf_n++] = kc + off;
+    B.pf[B.pf_n++] = vc + off;
+  }
+}
+
+// Prefetch up to n more of the queued lines.
+inline void prefetch_queued(Buffers& B, int64_t n) {
+  for (const int64_t end = std::min(B.pf_n, B.pf_i + n); B.pf_i < end; ++B.pf_i) _mm_prefetch(B.pf[B.pf_i], _MM_HINT_T0);
+}
+
 // Row pointers of the n keys j0 .. j0 + n - 1 of a part (zero rows past j_end) for head h, and a prefetch of the
-// next n keys' rows: decodes read each key once, so the fetch overlaps this block's work.
-inline void block_rows(const Args& a, int64_t h, int64_t k0, int64_t j0, int64_t j_end, int64_t n,
+// next n keys' rows, so the fetch overlaps this block's work. SPREAD (tasks of few row tiles, whose every key comes
+// from memory once and is soon used up): the lines are only queued, and score_tiles prefetches one per step of its
+// inner loop; a burst at the block's start stalls on the CPU's few miss buffers (spreading it was 1.15-1.5x faster
+// on decodes against a shared prefix, cold). Otherwise every tile reads the keys and the burst is soon absorbed.
+template <bool SPREAD>
+inline void block_rows(const Args& a, Buffers& B, int64_t h, int64_t k0, int64_t j0, int64_t j_end, int64_t n,
                        const at::BFloat16** krow, const at::BFloat16** vrow) {
   const int64_t row = a.KVH * a.D, v_offset = a.S * row;
   for (int64_t b = 0; b < n; ++b) {
@@ -292,18 +315,17 @@ inline void block_rows(const Args& a, int64_t h, int64_t k0, int64_t j0, int64_t
       krow[b] = vrow[b] = a.zero_row;
     }
   }
+  B.pf_n = B.pf_i = 0;
   for (int64_t b = 0; b < n && j0 + n + b < j_end; ++b) {
     const int64_t slot = a.kv_slots[k0 + j0 + n + b];
-    for (int64_t off = 0; off < a.D * 2; off += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(a.kv + slot * row + h * a.D) + off, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(a.kv + v_offset + slot * row + h * a.D) + off, _MM_HINT_T0);
-    }
+    queue_row(B, a.kv + slot * row + h * a.D, a.kv + v_offset + slot * row + h * a.D, a.D);
+    if (!SPREAD) prefetch_queued(B, B.pf_n);
   }
 }
 
 // Scores of NT consecutive row tiles (16 rows each) against the block's keys, 8 keys at a time: NT x 8 accumulators,
 // so each broadcast key pair feeds NT products. Writes st[key][row], scaled, NEG where the key is not visible.
-template <int NT>
+template <int NT, bool SPREAD>
 inline void score_tiles(Buffers& B, int64_t tile, int64_t P2, const at::BFloat16* const* krow, int64_t nb,
                         int32_t kpos0, int64_t RP, float scale) {
   int32_t tmax = B.tmax[tile], tmin = B.tmin[tile], tlo = B.tlo[tile];
@@ -325,6 +347,7 @@ inline void score_tiles(Buffers& B, int64_t tile, int64_t P2, const at::BFloat16
     if (!skip) {
       const int32_t* qt = B.qp.data() + tile * P2 * 16;
       for (int64_t p = 0; p < P2; ++p) {
+        if (SPREAD) prefetch_queued(B, 1);
         __m512i qv[NT];
         for (int u = 0; u < NT; ++u) qv[u] = _mm512_loadu_si512(qt + u * P2 * 16 + p * 16);
         for (int k = 0; k < 8; ++k) {
@@ -385,6 +408,8 @@ inline void pv_block(Buffers& B, int64_t r0, int64_t d0, int64_t D, int64_t npai
   }
 }
 
+// SPREAD: a task of at most 3 row tiles, whose key blocks are read once, straight from memory (see block_rows).
+template <bool SPREAD>
 __attribute__((always_inline)) inline void run_task(const Task& t, Buffers& B, const Args& a) {  // inlined: 2-4% faster
   const auto& [q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale, zero_row, out,
                lse] = a;
@@ -422,14 +447,14 @@ __attribute__((always_inline)) inline void run_task(const Task& t, Buffers& B, c
 
   // Key blocks of KB keys in tasks of many row tiles (fewer passes over their accumulators), of SMALL_TASK_KB in
   // tasks of a few (decodes against a shared prefix), whose block buffers then stay in L1.
-  const int64_t kb = tiles >= 4 ? KB : SMALL_TASK_KB;
+  const int64_t kb = SPREAD ? SMALL_TASK_KB : KB;
   const int64_t j_begin = std::max<int64_t>(0, min_lo - first) / kb * kb;
   const int64_t j_end = std::min<int64_t>(nk, max_qp - first + 1);
   const at::BFloat16* krow[KB];
   const at::BFloat16* vrow[KB];
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kb) {
     const int64_t nb = std::min<int64_t>(kb, j_end - j0);
-    block_rows(a, h, k0, j0, j_end, kb, krow, vrow);
+    block_rows<SPREAD>(a, B, h, k0, j0, j_end, kb, krow, vrow);
     // V as key pairs.
     const int64_t npairs = (nb + 1) / 2;
     for (int64_t j = 0; j < npairs; ++j) {
@@ -464,11 +489,12 @@ __attribute__((always_inline)) inline void run_task(const Task& t, Buffers& B, c
         ++tile;
         continue;
       }
-      if (run == 3) score_tiles<3>(B, tile, P2, krow, nb, kpos0, RP, scale);
-      if (run == 2) score_tiles<2>(B, tile, P2, krow, nb, kpos0, RP, scale);
-      if (run == 1) score_tiles<1>(B, tile, P2, krow, nb, kpos0, RP, scale);
+      if (run == 3) score_tiles<3, SPREAD>(B, tile, P2, krow, nb, kpos0, RP, scale);
+      if (run == 2) score_tiles<2, SPREAD>(B, tile, P2, krow, nb, kpos0, RP, scale);
+      if (run == 1) score_tiles<1, SPREAD>(B, tile, P2, krow, nb, kpos0, RP, scale);
       tile += run;
     }
+    if (SPREAD) prefetch_queued(B, B.pf_n);
     for (int64_t tile = 0; tile < tiles; ++tile) {
       if (!B.active[tile]) continue;
       const float* st = B.st.data();
@@ -529,8 +555,6 @@ __attribute__((always_inline)) inline void run_task(const Task& t, Buffers& B, c
 //
 //   acc[h][r][2c]     lane 4L + i  <->  dim 32c + 8L + i        (L = 128-bit lane 0..3, i = 0..3)
 //   acc[h][r][2c + 1] lane 4L + i  <->  dim 32c + 8L + 4 + i
-constexpr int64_t SMALL_KB = 16;
-constexpr int64_t SMALL_PREFETCH = 3;  // blocks prefetched ahead of run_small's current one
 
 // Lane b of the result is the sum of the 16 lanes of t[b].
 inline __m512 hsum16(const __m512 t[16]) {
@@ -572,6 +596,7 @@ void run_small(const Task& t, Buffers& B, const Args& a) {
   std::fill(l, l + KVH * NR, 0.f);
   std::fill(acc, acc + KVH * NR * D, 0.f);
   int32_t* pp = B.pp.data();  // [NR][8] probability pairs of the block
+  B.pf_n = B.pf_i = 0;
   const int64_t j_begin = std::max<int64_t>(0, min_lo - first) / SMALL_KB * SMALL_KB;
   const int64_t j_end = std::min<int64_t>(nk, max_qp - first + 1);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -588,16 +613,17 @@ void run_small(const Task& t, Buffers& B, const Args& a) {
       krow0[b] = in ? kv + slot * row_len : nullptr;
       vrow0[b] = in ? kv + v_offset + slot * row_len : nullptr;
     }
-    // Every block (re-)issues the prefetch of the next SMALL_PREFETCH blocks. The CPU drops prefetches while its
-    // miss buffers are full; issuing each block's only once, SMALL_PREFETCH ahead, was 1.2-1.35x slower (cold).
-    for (int64_t b = j0 == j_begin ? j0 + 1 : j0 + SMALL_KB;
-         b < std::min(j_end, j0 + (SMALL_PREFETCH + 1) * SMALL_KB); ++b) {
-      const char* kr = reinterpret_cast<const char*>(kv + kv_slots[k0 + b] * row_len);
-      for (int64_t off = 0; off < row_len * 2; off += 64) {
-        _mm_prefetch(kr + off, _MM_HINT_T0);
-        _mm_prefetch(kr + v_offset * 2 + off, _MM_HINT_T0);
-      }
-    }
+    // The next block's cache lines (every head, K and V) are queued in B.pf and prefetched four at a time in the
+    // P V loop below (one block has KVH x D lines and that loop KVH x D / 4 steps), so the fetch keeps pace with the
+    // work and the CPU's few miss buffers never overflow. A task's first block has nothing to overlap: one burst.
+    // (Re-issuing the next three blocks' prefetches at every block, as before, was 1.15-1.35x slower, cold.)
+    if (j0 == j_begin)
+      for (int64_t b = j0 + 1; b < std::min(j_end, j0 + SMALL_KB); ++b)
+        queue_row(B, kv + kv_slots[k0 + b] * row_len, kv + v_offset + kv_slots[k0 + b] * row_len, row_len);
+    prefetch_queued(B, B.pf_n);  // the first block's burst, or what the last block's loop left
+    B.pf_n = B.pf_i = 0;
+    for (int64_t b = j0 + SMALL_KB; b < std::min(j_end, j0 + 2 * SMALL_KB); ++b)
+      queue_row(B, kv + kv_slots[k0 + b] * row_len, kv + v_offset + kv_slots[k0 + b] * row_len, row_len);
     const __m512i kpos = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first + j0)), iota);
     const __mmask16 valid = static_cast<__mmask16>((1u << nb) - 1u);
     __mmask16 vis[NR];
@@ -653,6 +679,7 @@ void run_small(const Task& t, Buffers& B, const Args& a) {
           a1[r] = _mm512_loadu_ps(acch + (r * 2 * DC + 2 * c + 1) * 16);
         }
         for (int64_t j = 0; j < npairs; ++j) {
+          prefetch_queued(B, 4);
           __m512i vlo, vhi;
           interleave(_mm512_loadu_si512(vrow[2 * j] + 32 * c), _mm512_loadu_si512(vrow[2 * j + 1] + 32 * c), vlo, vhi);
           for (int r = 0; r < NR; ++r) {
@@ -677,6 +704,10 @@ void run_small(const Task& t, Buffers& B, const Args& a) {
       lse[(q0 + r / G) * H + head] = seen ? m[hr] + std::log(l[hr]) : NEG;
     }
 }
+
+// run_task for at most 3 row tiles, as a function of its own: inlined beside the many-tile one, it made that one's
+// code 8% slower.
+__attribute__((noinline)) void run_few_tiles(const Task& t, Buffers& B, const Args& a) { run_task<true>(t, B, a); }
 
 using SmallFn = void (*)(const Task&, Buffers&, const Args&);
 constexpr SmallFn SMALL_FNS[SMALL_MAX_ROWS + 1] = {nullptr, run_small<1>, run_small<2>, run_small<3>, run_small<4>,
@@ -715,8 +746,10 @@ void attention(const at::BFloat16* q, const at::BFloat16* kv, const int64_t* q_p
       const Task& t = tasks[i];
       if (t.head < 0) {  // a few rows: padding them to 16 lanes would waste the work
         SMALL_FNS[t.nrows](t, B, args);
+      } else if (t.nrows <= 48) {  // at most 3 row tiles
+        run_few_tiles(t, B, args);
       } else {
-        run_task(t, B, args);
+        run_task<false>(t, B, args);
       }
     }
   }
