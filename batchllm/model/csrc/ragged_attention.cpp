@@ -335,6 +335,9 @@ inline void score_tiles(Buffers& B, int64_t tile, int64_t P2, const at::BFloat16
     tlo = std::max(tlo, B.tlo[tile + u]);
   }
   const __m512 vscale = _mm512_set1_ps(scale * LOG2E);  // scores in base 2: the softmax uses 2^x
+  const char* const* pf = B.pf.data();  // the prefetch queue in locals: B's fields would go through memory each step
+  int64_t pf_i = B.pf_i;
+  const int64_t pf_n = B.pf_n;
   float* st = B.st.data();
   __m512 mx[NT];  // running max of each tile's stored scores: the block max the softmax needs
   for (int u = 0; u < NT; ++u) mx[u] = _mm512_set1_ps(NEG);
@@ -347,7 +350,7 @@ inline void score_tiles(Buffers& B, int64_t tile, int64_t P2, const at::BFloat16
     if (!skip) {
       const int32_t* qt = B.qp.data() + tile * P2 * 16;
       for (int64_t p = 0; p < P2; ++p) {
-        if (SPREAD) prefetch_queued(B, 1);
+        if (SPREAD && pf_i < pf_n) _mm_prefetch(pf[pf_i++], _MM_HINT_T0);
         __m512i qv[NT];
         for (int u = 0; u < NT; ++u) qv[u] = _mm512_loadu_si512(qt + u * P2 * 16 + p * 16);
         for (int k = 0; k < 8; ++k) {
@@ -381,6 +384,7 @@ inline void score_tiles(Buffers& B, int64_t tile, int64_t P2, const at::BFloat16
     }
   }
   for (int u = 0; u < NT; ++u) _mm512_storeu_ps(B.bmax.data() + (tile + u) * 16, mx[u]);
+  B.pf_i = pf_i;
 }
 
 // acc[r0 .. r0 + NRW)[d0 .. d0 + 16 NC) = acc * corr + P V over the block's key pairs: NRW x NC accumulators stay in
