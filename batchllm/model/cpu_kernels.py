@@ -1,7 +1,7 @@
 """The project's own CPU kernels (C++ with OpenMP), compiled on first use with torch's extension builder and cached
-per machine: paged attention over ragged parts (`csrc/ragged_attention.cpp`) and the fused bf16 element-wise ops of a
-decoder layer (`csrc/fused_ops.cpp`). The loaders return None where no compiler is available; callers then use a
-torch path."""
+per machine: paged attention over ragged parts (`csrc/ragged_attention.cpp`), the fused bf16 element-wise ops of a
+decoder layer (`csrc/fused_ops.cpp`) and the bf16 matrix product of the projections (`csrc/gemm.cpp`). The loaders
+return None where no compiler is available; callers then use a torch path."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "bindings.cpp", _CSRC / "ragged_attention.cpp", _CSRC / "fused_ops.cpp"]
+_SOURCES = [_CSRC / "bindings.cpp", _CSRC / "ragged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "gemm.cpp"]
 _HEADERS = [_CSRC / "simd.h"]
 
 

@@ -79,35 +79,60 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Linear(torch.nn.Module):
     """y = x W^T + b for x [..., in]; W is [out, in] as in the checkpoint.
 
-    `pack()` moves W once into oneDNN's blocked layout (bf16 on a CPU with oneDNN only) and drops the plain copy. The
-    product keeps its value (the same oneDNN kernel computes it; `test_layers.py` checks it bit for bit) and skips the
-    per-call weight reordering, which costs the most when few rows multiply a large weight: 1.2-2.5x for a 32000-row
-    lm_head at 16-128 rows, 1.1-1.5x for a layer's projections at 16-64 rows, 1.01-1.05x at 2048 rows (2 threads).
+    `pack()` moves W once into a matmul kernel's own layout and drops the plain copy (bf16 on CPU only):
+    - the project's AVX512-BF16 kernel (`csrc/gemm.cpp`) where it was built. A row's result is the same whatever the
+      other rows of the batch, and within one bf16 step of `F.linear` (equal in all but ~0.01% of values, checked in
+      `test_layers.py`). It beats oneDNN most where decode steps live: 1.1-2.5x at 1-64 rows for a layer's
+      projections, about even for a 32000-row lm_head at 64-256 rows and on prefill-sized batches (2 threads), and it
+      never pays oneDNN's kernel generation on the first call with a new number of rows (0.5-4 ms each);
+    - else oneDNN's blocked layout, the same oneDNN kernel as `F.linear` (bit for bit) without the per-call weight
+      reordering: 1.2-2.5x for a 32000-row lm_head at 16-128 rows, 1.1-1.5x for a layer's projections at 16-64 rows.
     """
 
     def __init__(self, out_features: int, in_features: int, bias: bool, dtype: torch.dtype, device: torch.device):
         super().__init__()
+        self.out_features = out_features
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
                                          requires_grad=False)
         self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
                                        requires_grad=False) if bias else None
-        self.packed: torch.Tensor | None = None  # oneDNN's opaque copy of W once packed
+        self.packed: torch.Tensor | None = None  # W in the packing kernel's layout, once packed
+        self.gemm = None  # the project's kernel when it packed W; None for oneDNN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemm is not None:
+            return self.gemm(x, self.packed, self.out_features, self.bias)  # [..., out]
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # [..., out]
         return F.linear(x, self.weight, self.bias)  # [..., out]
 
     def pack(self) -> None:
-        """Replace W by its oneDNN-packed form where that applies (bf16 on CPU); else leave it as it is."""
-        if self.packed is None and can_pack(self.weight):
+        """Replace W by a kernel's packed form where one applies (bf16 on CPU); else leave it as it is."""
+        if self.packed is not None:
+            return
+        kernels = gemm_kernels(self.weight)
+        if kernels is not None:
+            self.packed = kernels.gemm_pack_weight(self.weight.data)  # [ceil(out / 64), in / 2, 64, 2]
+            self.gemm = kernels.gemm
+            self.weight = None
+        elif can_pack(self.weight):
             # 16: oneDNN's batch-size hint for the layout; 1, 16, 128 and 2048 ran at the same speed at 1-2048 rows
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 16)
             self.weight = None
 
 
+def gemm_kernels(weight: torch.Tensor):
+    """The compiled module whose `gemm` can take this weight (bf16 on a CPU with AVX512-BF16, an even number of input
+    features), or None."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.shape[1] % 2:
+        return None
+    from batchllm.model.cpu_kernels import has_bf16_kernels, load_cpu_kernels
+
+    return load_cpu_kernels() if has_bf16_kernels() else None
+
+
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether `Linear.pack` applies to this weight: bf16 on CPU, with torch built with oneDNN (mkldnn) and oneDNN
+    """Whether oneDNN packing applies to this weight: bf16 on CPU, with torch built with oneDNN (mkldnn) and oneDNN
     able to run bf16 on this CPU."""
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False

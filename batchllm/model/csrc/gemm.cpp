@@ -1,0 +1,178 @@
+// bf16 matrix product for the linear projections on CPU (AVX512-BF16): y = x W^T (+ b), fp32 accumulation.
+//
+//   pack_weight(w [N, K]) -> packed [P, K/2, 64, 2]      P = ceil(N / 64) panels of 64 output columns; columns past N
+//                                                        are zero; K must be even
+//   gemm(x [M, K], packed, n, bias [n] or None) -> [M, n]
+//
+// Layout of one panel (64 output columns c0 .. c0+63), K/2 steps of 128 bytes each; step j holds, for every column
+// c, the pair W[c][2j], W[c][2j+1]:
+//
+//     step j: | c0: w[2j] w[2j+1] | c0+1: w[2j] w[2j+1] | ... | c0+63: w[2j] w[2j+1] |   = 4 zmm registers
+//
+// so one `vdpbf16ps` multiplies a broadcast pair x[m][2j], x[m][2j+1] with 16 columns' pairs and adds both products
+// to 16 fp32 sums. A tile is up to MR rows x 64 columns: MR x 4 accumulators. Every output element is the same
+// chain of `vdpbf16ps` over j = 0 .. K/2-1, whatever the number of rows, the tile it falls in or the thread count:
+// a row's result does not depend on the rest of the batch (tests check this bit for bit).
+//
+// Work: rows are cut into blocks whose x rows stay in L2 (ROW_BLOCK_BYTES), each block into tiles of nearly equal
+// height <= MR; the items (row block, panel) are split over torch's threads. While a thread works on a panel, its
+// tiles prefetch the thread's next panel into L2, a few lines per step (a burst would stall on the miss buffers), so
+// a decode step's small batch streams the weights instead of waiting on each panel.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "simd.h"
+
+#ifdef BATCHLLM_HAS_BF16_KERNEL
+namespace {
+
+using bf16 = at::BFloat16;
+constexpr int64_t COLS = 64;                      // output columns per panel
+constexpr int NV = COLS / 16;                     // zmm registers per step of a panel
+constexpr int MR = 6;                             // rows per tile: MR x NV = 24 accumulators
+constexpr int64_t ROW_BLOCK_BYTES = 512 * 1024;   // x rows of one row block (bf16), kept in L2
+
+// One tile: rows x[0 .. R-1] (row stride ldx pairs) times one panel over `steps` pairs, written to c (row stride
+// ldc) as bf16, columns [0, ncols) of the panel. Meanwhile prefetches `pf_lines` lines from `pf` into L2.
+template <int R>
+void tile(const uint32_t* x, int64_t ldx, const __m512i* w, int64_t steps, const float* bias, bf16* c, int64_t ldc,
+          int64_t ncols, const char* pf, int64_t pf_lines) {
+  __m512 acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  int64_t spread = 0;  // Bresenham: pf_lines prefetches evenly over `steps`
+  for (int64_t j = 0; j < steps; ++j) {
+    __m512i wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + NV * j + v);  // [16 columns x 2]
+    spread += pf_lines;
+    while (spread >= steps) {
+      spread -= steps;
+      _mm_prefetch(pf, _MM_HINT_T1);
+      pf += 64;
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[i * ldx + j]));  // x[i][2j], x[i][2j+1]
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], xb, (__m512bh)wv[v]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n = std::min<int64_t>(16, ncols - 16 * v);
+      if (n <= 0) break;
+      __m512 y = acc[i][v];
+      if (bias != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + 16 * v));  // padded to whole panels
+      simd::store_bf16(c + i * ldc + 16 * v, y, n);
+    }
+  }
+}
+
+void tile_rows(int64_t rows, const uint32_t* x, int64_t ldx, const __m512i* w, int64_t steps, const float* bias,
+               bf16* c, int64_t ldc, int64_t ncols, const char* pf, int64_t pf_lines) {
+  switch (rows) {
+    case 1: return tile<1>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines);
+    case 2: return tile<2>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines);
+    case 3: return tile<3>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines);
+    case 4: return tile<4>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines);
+    case 5: return tile<5>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines);
+    default: return tile<MR>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines);
+  }
+}
+
+}  // namespace
+
+at::Tensor gemm_pack_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.device().is_cpu(), "pack_weight: bf16 [N, K] on CPU");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(K % 2 == 0 && K > 0, "pack_weight: K must be even, got ", K);
+  const int64_t P = (N + COLS - 1) / COLS, steps = K / 2;
+  const at::Tensor src = w.contiguous();
+  at::Tensor out = at::zeros({P, steps, COLS, 2}, w.options());
+  const bf16* s = src.data_ptr<bf16>();
+  bf16* d = out.data_ptr<bf16>();
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t col = 0; col < COLS && p * COLS + col < N; ++col) {
+        const bf16* row = s + (p * COLS + col) * K;
+        for (int64_t j = 0; j < steps; ++j) {
+          bf16* pair = d + ((p * steps + j) * COLS + col) * 2;
+          pair[0] = row[2 * j];
+          pair[1] = row[2 * j + 1];
+        }
+      }
+  });
+  return out;
+}
+
+at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
+                  packed.size(2) == COLS && packed.size(3) == 2 && packed.is_contiguous(),
+              "gemm: bf16 x and a packed weight from pack_weight");
+  const int64_t steps = packed.size(1), K = 2 * steps, P = packed.size(0);
+  TORCH_CHECK(x_in.size(-1) == K && n > 0 && n <= P * COLS, "gemm: x [..., ", K, "] and n <= ", P * COLS);
+  const at::Tensor x = x_in.reshape({-1, K}).contiguous();  // [M, K]
+  const int64_t M = x.size(0);
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = n;
+  at::Tensor out = at::empty(shape, x_in.options());  // [..., n]
+  if (M == 0) return out;
+  at::Tensor b32;  // bias in fp32, padded to whole panels
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n, "gemm: bias of ", n, " values");
+    b32 = at::zeros({P * COLS}, x_in.options().dtype(at::kFloat));
+    b32.narrow(0, 0, n).copy_(bias->reshape({n}));
+  }
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<bf16>());  // pairs
+  const __m512i* wp = reinterpret_cast<const __m512i*>(packed.data_ptr<bf16>());
+  bf16* op = out.data_ptr<bf16>();
+
+  // Row blocks of nearly equal size: as few as keep a block's x rows within ROW_BLOCK_BYTES (each block streams the
+  // whole weight once), and at least as many as give every thread an item when the panels are fewer than threads.
+  const int64_t threads = at::get_num_threads();
+  const int64_t cap = std::max<int64_t>(MR, ROW_BLOCK_BYTES / (2 * K));
+  const int64_t blocks = std::min((M + MR - 1) / MR, std::max((M + cap - 1) / cap, (threads + P - 1) / P));
+  const int64_t block = ((M + blocks - 1) / blocks + MR - 1) / MR * MR;
+  const int64_t num_blocks = (M + block - 1) / block;
+  const int64_t panel_lines = steps * NV;  // 64-byte lines in one panel
+  at::parallel_for(0, num_blocks * P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t rb = item / P, p = item % P;
+      const int64_t r0 = rb * block, rn = std::min(block, M - r0);
+      const int64_t tiles = (rn + MR - 1) / MR;
+      const __m512i* panel = wp + p * panel_lines;
+      const char* next = item + 1 < end ? reinterpret_cast<const char*>(wp + ((item + 1) % P) * panel_lines) : nullptr;
+      const int64_t ncols = std::min<int64_t>(COLS, n - p * COLS);
+      int64_t m0 = r0, left = rn;
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t rows = (left + (tiles - t) - 1) / (tiles - t);  // nearly equal heights
+        // this tile's share of the next panel's lines
+        const int64_t la = panel_lines * t / tiles, lb = panel_lines * (t + 1) / tiles;
+        tile_rows(rows, xp + m0 * steps, steps, panel, steps, bp == nullptr ? nullptr : bp + p * COLS,
+                  op + m0 * n + p * COLS, n, ncols, next == nullptr ? nullptr : next + 64 * la,
+                  next == nullptr ? 0 : lb - la);
+        m0 += rows;
+        left -= rows;
+      }
+    }
+  });
+  return out;
+}
+
+#else  // no AVX512-BF16: Linear does not call these (fused_ops_available() is false)
+
+at::Tensor gemm_pack_weight(const at::Tensor&) {
+  TORCH_CHECK(false, "the bf16 gemm needs a CPU with AVX512-BF16");
+  return {};
+}
+at::Tensor gemm(const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "the bf16 gemm needs a CPU with AVX512-BF16");
+  return {};
+}
+
+#endif
