@@ -116,12 +116,13 @@ def test_group_node_runs_once_then_children_and_is_freed_with_the_last_child():
     assert n.status is Status.COMPUTED and n.blocks == [0, 1]
     assert list(sched.ready) == [l1, l2]
     assert step(sched) == ([(1, 2), (2, 3)], [1])
-    assert (l1.block_table(), l2.block_table()) == ([0, 1], [0, 1, 3])
+    # admitted, l2 takes both blocks it will fill (positions 8-12: its prompt and 2 output tokens) in one run
+    assert (l1.block_table(), l2.block_table()) == ([0, 1], [0, 1, 3, 4])
     assert n.blocks == [0, 1] and n.pending_children == 1  # l1 done, l2 still needs the prefix
-    assert list(sched.pool.free_queue) == [2, 4, 5, 6, 7]  # l1's own block comes back first
+    assert list(sched.pool.free_queue) == [2, 5, 6, 7]  # l1's own block comes back first
     assert step(sched) == ([(2, 1)], [2])
     assert n.status is Status.FINISHED
-    assert list(sched.pool.free_queue) == [0, 1, 3, 2, 4, 5, 6, 7]  # freed last (the prefix's), first out
+    assert list(sched.pool.free_queue) == [0, 1, 3, 4, 2, 5, 6, 7]  # freed last (the prefix's), first out
 
 
 def test_nested_nodes_release_children_level_by_level():
@@ -153,6 +154,40 @@ def test_memory_centric_admission_reserves_expected_output():
     baseline.add(seqs)
     plan, _ = step(baseline)
     assert plan == [(0, 4), (1, 4), (2, 4)]  # admits on the blocks needed now
+
+
+def test_memory_centric_leaves_take_their_expected_blocks_in_one_run():
+    """Leaves decoding in lockstep take a block each in turn when they grow (fcfs: a's blocks 0, 2, 4 and b's 1, 3,
+    5). Under "batchllm" each admitted leaf takes every block it is expected to fill at once, in one run, and
+    allocates nothing while it decodes."""
+    runs = {}
+    for policy in ("fcfs", "batchllm"):
+        sched = make_sched(policy=policy, blocks=12, budget=64)
+        a, b = leaf(1, 4, max_tokens=8), leaf(2, 4, max_tokens=8)  # 4 + 8 tokens: 3 blocks each
+        sched.add([a, b])
+        assert step(sched) == ([(1, 4), (2, 4)], [])
+        free_after_admission = sched.pool.num_free
+        for _ in range(6):
+            step(sched)
+        runs[policy] = (a.blocks, b.blocks)
+        if policy == "batchllm":
+            assert free_after_admission == 6 and sched.pool.num_free == 6
+        assert step(sched) == ([(1, 1), (2, 1)], [1, 2])
+        assert sched.pool.num_free == 12
+    assert runs == {"fcfs": ([0, 2, 4], [1, 3, 5]), "batchllm": ([0, 1, 2], [3, 4, 5])}
+
+
+def test_ahead_blocks_are_taken_only_beside_what_others_are_expected_to_need():
+    """A lone group goes ahead even when its expected output does not fit: its leaf then takes only the blocks it
+    needs now, and grows one block at a time as before."""
+    sched = make_sched(policy="batchllm", blocks=3, budget=64)
+    a = leaf(1, 4, max_tokens=12)  # 16 tokens = 4 blocks expected, 3 in the pool
+    sched.add([a])
+    step(sched)
+    assert a.blocks == [0]
+    for _ in range(4):
+        step(sched)
+    assert a.blocks == [0, 1]  # position 4 opened the second block, on demand
 
 
 def test_request_cap_binds_baselines_only():
