@@ -82,9 +82,10 @@ class Linear(torch.nn.Module):
     `pack()` moves W once into a matmul kernel's own layout and drops the plain copy (bf16 on CPU only):
     - the project's AVX512-BF16 kernel (`csrc/gemm.cpp`) where it was built. A row's result is the same whatever the
       other rows of the batch, and within one bf16 step of `F.linear` (equal in all but ~0.01% of values, checked in
-      `test_layers.py`). It beats oneDNN most where decode steps live: 1.1-2.5x at 1-64 rows for a layer's
-      projections, about even for a 32000-row lm_head at 64-256 rows and on prefill-sized batches (2 threads), and it
-      never pays oneDNN's kernel generation on the first call with a new number of rows (0.5-4 ms each);
+      `test_layers.py`). Against oneDNN's packed weights, alternating calls over 8 layers' weights (2 threads): at
+      1-128 rows, where decode steps live, 1.15-2.2x for qkv, o and down, 1.1-1.45x for gate_up and 1.0-1.25x for a
+      32000-row lm_head; at 192-2048 rows 0.96-1.2x (one lm_head case 0.83). It also never pays oneDNN's kernel
+      generation on the first call with a new number of rows (0.5-4 ms each, ~0.3 s of a 6 s `mixed-output` run);
     - else oneDNN's blocked layout, the same oneDNN kernel as `F.linear` (bit for bit) without the per-call weight
       reordering: 1.2-2.5x for a 32000-row lm_head at 16-128 rows, 1.1-1.5x for a layer's projections at 16-64 rows.
     """
