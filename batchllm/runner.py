@@ -47,20 +47,28 @@ class ModelRunner:
         shared: dict[int, tuple[Sequence, list[int]]] = {}
         row = 0
         logits_rows = []
+        all_rows = np.arange(plan.num_tokens, dtype=np.int64)  # [T]; each part's rows are a view of it
         for seq, n in zip(plan.seqs, plan.num_new):
             c = seq.num_computed_tokens
-            ids.extend(seq.token_ids[c:c + n])
-            positions.extend(range(c, c + n))
             rel = c - seq.start
             if n == 1:  # a decode: plain ints (most rows of a decode step; numpy per row costs more than it saves)
+                ids.append(seq.token_ids[c])
+                positions.append(c)
                 slots.append(seq.blocks[rel // bs] * bs + rel % bs)
             else:
+                ids.extend(seq.token_ids[c:c + n])
+                positions.extend(range(c, c + n))
                 rel_pos = np.arange(rel, rel + n, dtype=np.int64)  # [n]
                 slots.extend((np.asarray(seq.blocks, dtype=np.int64)[rel_pos // bs] * bs + rel_pos % bs).tolist())
-            rows = list(range(row, row + n))
-            parts.append(AttnPart(np.asarray(rows, dtype=np.int64), seq.blocks, seq.start, c + n - seq.start))
-            for node in seq.ancestors():
-                shared.setdefault(id(node), (node, []))[1].extend(rows)
+            parts.append(AttnPart(all_rows[row:row + n], seq.blocks, seq.start, c + n - seq.start))
+            for node in seq.ancestors():  # every shared node above, outermost first: its part takes these rows too
+                entry = shared.get(id(node))
+                if entry is None:
+                    entry = shared[id(node)] = (node, [])
+                if n == 1:
+                    entry[1].append(row)
+                else:
+                    entry[1].extend(range(row, row + n))
             row += n
             if c + n == seq.num_tokens and not seq.is_node:
                 logits_rows.append(row - 1)

