@@ -57,6 +57,17 @@ def test_silu_mul():
     assert (out == expect).float().mean().item() > 0.98
 
 
+def test_silu_mul_of_large_negative_gates_is_zero_not_nan():
+    """exp(-gate) overflows below gate = -88.7; torch's gate / (1 + inf) gives -0. The kernel gives 0 there (it used
+    to give NaN under -ffast-math), and torch's value everywhere else but [-88.7, -88), where torch's ~1e-37 is 0."""
+    gate = torch.tensor([-1e4, -1000, -100, -89, -88, -87, -20, -1, 0, 1, 20, 88, 89, 100, 1000], dtype=BF16)
+    up = torch.linspace(-3, 3, gate.shape[0]).to(BF16)
+    out = kernels.silu_mul(torch.cat([gate, up])[None])[0]
+    assert torch.isfinite(out.float()).all()
+    assert torch.equal(out[:4], torch.zeros(4, dtype=BF16))
+    assert torch.equal(out[4:], (F.silu(gate) * up)[4:])
+
+
 @pytest.mark.parametrize("heads,kv_heads,d", [(8, 4, 64), (4, 1, 32)])
 def test_rope_write_kv(heads, kv_heads, d):
     t, blocks, bs = 13, 6, 4

@@ -86,6 +86,30 @@ def test_gemm_row_results_do_not_depend_on_the_batch_or_the_threads(out_f, in_f)
         torch.set_num_threads(threads)
 
 
+@needs_gemm
+@pytest.mark.parametrize("inter,in_f,bias", [(352, 128, False), (100, 64, True), (37, 130, True)])
+def test_gated_packing_gives_silu_mul_of_the_product_bit_for_bit(inter, in_f, bias):
+    """A [gate; up] projection packed gated computes bf16(silu(gate) * up) in the product's epilogue: the same bits as
+    the fused `silu_mul` of the plain packed product (also with a bias and a feature count that is not a multiple of
+    the panel's 32), for any number of rows; its plain `forward` is refused."""
+    from batchllm.model.cpu_kernels import load_cpu_kernels
+
+    silu_mul = load_cpu_kernels().silu_mul
+    plain = make_linear(2 * inter, in_f, bias, seed=3)
+    gated = make_linear(2 * inter, in_f, bias, seed=3)
+    plain.pack()
+    gated.pack(gated=True)
+    assert gated.gated and not plain.gated
+    gen = torch.Generator().manual_seed(4)
+    for rows in (1, 5, 6, 7, 64, 300):
+        x = (torch.randn(rows, in_f, generator=gen) * 4).to(BF16)  # [rows, in]: gates far out on both sides
+        y = gated.silu_mul(x)  # [rows, inter]
+        assert y.shape == (rows, inter) and torch.isfinite(y.float()).all()
+        assert torch.equal(y, silu_mul(plain(x))), rows
+    with pytest.raises(RuntimeError, match="silu_mul"):
+        gated(x)
+
+
 def test_gemm_packing_applies_to_bf16_cpu_weights_with_an_even_input_size():
     assert gemm_kernels(torch.empty(4, 7, dtype=BF16)) is None  # odd K: oneDNN's packing (or none) instead
     assert gemm_kernels(torch.empty(4, 8, dtype=torch.float32)) is None

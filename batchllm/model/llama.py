@@ -77,8 +77,9 @@ class LlamaModel(torch.nn.Module):
         packed layout where that applies (`Linear.pack`: bf16 on CPU). With tied embeddings the head then keeps
         its own copy (vocab x hidden more memory); the embedding lookup keeps the plain table."""
         for layer in self.layers:
-            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+            for linear in (layer.qkv, layer.o_proj, layer.down):
                 linear.pack()
+            layer.gate_up.pack(gated=True)  # SiLU(gate) * up in the product's epilogue where the project's gemm runs
         self.lm_head.pack()
 
     @torch.inference_mode()

@@ -15,8 +15,9 @@ void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::
 at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index);
 at::Tensor argmax_rows(const at::Tensor& x);
 bool fused_ops_available();
-at::Tensor gemm_pack_weight(const at::Tensor& w);
-at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias);
+at::Tensor gemm_pack_weight(const at::Tensor& w, bool gated);
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
+                bool gated);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ragged_attention", &ragged_attention, "paged attention over ragged parts (CPU), returns (out fp32, lse)");
@@ -26,8 +27,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_write_kv", &rope_write_kv, "rotary embedding of q, k in place and K/V written to cache slots (bf16)");
   m.def("fused_ops_available", &fused_ops_available, "whether rms_norm ... merge were built (AVX512-BF16 CPU)");
   m.def("merge", &merge, "log-sum-exp merge of partial attention results into bf16 rows");
-  m.def("gemm_pack_weight", &gemm_pack_weight, "a bf16 weight [N, K] in the layout of gemm (panels of 64 columns)");
-  m.def("gemm", &gemm, "x [..., K] times a packed bf16 weight, plus an optional bias: [..., n] bf16",
-        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none());
+  m.def("gemm_pack_weight", &gemm_pack_weight, "a bf16 weight [N, K] in the layout of gemm (panels of 64 columns)",
+        pybind11::arg("w"), pybind11::arg("gated") = false);
+  m.def("gemm", &gemm, "x [..., K] times a packed bf16 weight, plus an optional bias: [..., n] bf16 (gated: [..., n/2])",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("gated") = false);
   m.def("argmax_rows", &argmax_rows, "per row the index of the largest bf16 value (as torch.argmax in fp32)");
 }

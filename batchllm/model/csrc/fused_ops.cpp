@@ -37,7 +37,6 @@ bool fused_ops_available() {
 namespace {
 
 using bf16 = at::BFloat16;
-using simd::exp512;
 using simd::load_bf16;
 using simd::round_bf16;
 using simd::store_bf16;
@@ -105,14 +104,12 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   const bf16* pg = gu.data_ptr<bf16>();
   bf16* po = out.data_ptr<bf16>();
   at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
-    const __m512 one = _mm512_set1_ps(1.f);
     for (int64_t r = b; r < e; ++r) {
       const bf16* g = pg + r * two_i;
       const bf16* u = g + inter;
       bf16* o = po + r * inter;
       for (int64_t i = 0; i < inter; i += 16) {
-        const __m512 x = load_bf16(g + i, inter - i);
-        const __m512 silu = round_bf16(_mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
+        const __m512 silu = simd::silu_bf16(load_bf16(g + i, inter - i));
         store_bf16(o + i, _mm512_mul_ps(silu, load_bf16(u + i, inter - i)), inter - i);
       }
     }

@@ -1,8 +1,13 @@
 // bf16 matrix product for the linear projections on CPU (AVX512-BF16): y = x W^T (+ b), fp32 accumulation.
 //
-//   pack_weight(w [N, K]) -> packed [P, K/2, 64, 2]      P = ceil(N / 64) panels of 64 output columns; columns past N
-//                                                        are zero; K must be even
-//   gemm(x [M, K], packed, n, bias [n] or None) -> [M, n]
+//   pack_weight(w [N, K], gated) -> packed [P, K/2, 64, 2]   P = ceil(N / 64) panels of 64 output columns; columns
+//                                                            past N are zero; K must be even
+//   gemm(x [M, K], packed, n, bias [n] or None, gated) -> [M, n], or [M, n/2] when gated
+//
+// gated: w is a fused [gate; up] projection [2I, K] (the MLP's gate_up). Each panel then holds 32 gate columns and the
+// 32 up columns of the same features (P = ceil(I / 32)), and the tile's epilogue writes bf16(silu(gate) * up) with the
+// roundings of `silu_mul` (fused_ops.cpp): the same bits as silu_mul(gemm(x, w)), without writing or reading the
+// [M, 2I] product.
 //
 // Layout of one panel (64 output columns c0 .. c0+63), K/2 steps of 128 bytes each; step j holds, for every column
 // c, the pair W[c][2j], W[c][2j+1]:
@@ -41,7 +46,7 @@ constexpr int64_t ROW_BLOCK_BYTES = 512 * 1024;   // x rows of one row block (bf
 // ldc) as bf16, columns [0, ncols) of the panel. Meanwhile prefetches `pf_lines` lines from `pf` into L2.
 template <int R>
 void tile(const uint32_t* x, int64_t ldx, const __m512i* w, int64_t steps, const float* bias, bf16* c, int64_t ldc,
-          int64_t ncols, const char* pf, int64_t pf_lines) {
+          int64_t ncols, const char* pf, int64_t pf_lines, bool gated) {
   __m512 acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
@@ -61,44 +66,65 @@ void tile(const uint32_t* x, int64_t ldx, const __m512i* w, int64_t steps, const
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], xb, (__m512bh)wv[v]);
     }
   }
-  for (int i = 0; i < R; ++i) {
+  if (bias != nullptr)  // padded to whole panels
+    for (int i = 0; i < R; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_add_ps(acc[i][v], _mm512_loadu_ps(bias + 16 * v));
+  if (gated) {  // registers 0, 1: gate of 32 features; 2, 3: their up. ncols counts features here.
+    for (int i = 0; i < R; ++i)
+      for (int v = 0; v < NV / 2; ++v) {
+        const int64_t n = std::min<int64_t>(16, ncols - 16 * v);
+        if (n <= 0) break;
+        const __m512 silu = simd::silu_bf16(simd::round_bf16(acc[i][v]));
+        simd::store_bf16(c + i * ldc + 16 * v, _mm512_mul_ps(silu, simd::round_bf16(acc[i][v + NV / 2])), n);
+      }
+    return;
+  }
+  for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) {
       const int64_t n = std::min<int64_t>(16, ncols - 16 * v);
       if (n <= 0) break;
-      __m512 y = acc[i][v];
-      if (bias != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + 16 * v));  // padded to whole panels
-      simd::store_bf16(c + i * ldc + 16 * v, y, n);
+      simd::store_bf16(c + i * ldc + 16 * v, acc[i][v], n);
     }
-  }
 }
 
 void tile_rows(int64_t rows, const uint32_t* x, int64_t ldx, const __m512i* w, int64_t steps, const float* bias,
-               bf16* c, int64_t ldc, int64_t ncols, const char* pf, int64_t pf_lines) {
+               bf16* c, int64_t ldc, int64_t ncols, const char* pf, int64_t pf_lines, bool gated) {
   switch (rows) {
-    case 1: return tile<1>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines);
-    case 2: return tile<2>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines);
-    case 3: return tile<3>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines);
-    case 4: return tile<4>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines);
-    case 5: return tile<5>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines);
-    default: return tile<MR>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines);
+    case 1: return tile<1>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines, gated);
+    case 2: return tile<2>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines, gated);
+    case 3: return tile<3>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines, gated);
+    case 4: return tile<4>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines, gated);
+    case 5: return tile<5>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines, gated);
+    default: return tile<MR>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines, gated);
   }
+}
+
+// Output column j of panel p comes from weight row source_row(p, j, ...), or from none (-1: a zero column).
+int64_t source_row(int64_t p, int64_t j, int64_t N, bool gated) {
+  if (!gated) return p * COLS + j < N ? p * COLS + j : -1;
+  const int64_t half = COLS / 2, inter = N / 2, feature = p * half + j % half;
+  if (feature >= inter) return -1;
+  return j < half ? feature : inter + feature;
 }
 
 }  // namespace
 
-at::Tensor gemm_pack_weight(const at::Tensor& w) {
+at::Tensor gemm_pack_weight(const at::Tensor& w, bool gated) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.device().is_cpu(), "pack_weight: bf16 [N, K] on CPU");
   const int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % 2 == 0 && K > 0, "pack_weight: K must be even, got ", K);
-  const int64_t P = (N + COLS - 1) / COLS, steps = K / 2;
+  TORCH_CHECK(!gated || N % 2 == 0, "pack_weight: a gated weight has 2I rows, got ", N);
+  const int64_t P = gated ? (N / 2 + COLS / 2 - 1) / (COLS / 2) : (N + COLS - 1) / COLS, steps = K / 2;
   const at::Tensor src = w.contiguous();
   at::Tensor out = at::zeros({P, steps, COLS, 2}, w.options());
   const bf16* s = src.data_ptr<bf16>();
   bf16* d = out.data_ptr<bf16>();
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
-      for (int64_t col = 0; col < COLS && p * COLS + col < N; ++col) {
-        const bf16* row = s + (p * COLS + col) * K;
+      for (int64_t col = 0; col < COLS; ++col) {
+        const int64_t r = source_row(p, col, N, gated);
+        if (r < 0) continue;
+        const bf16* row = s + r * K;
         for (int64_t j = 0; j < steps; ++j) {
           bf16* pair = d + ((p * steps + j) * COLS + col) * 2;
           pair[0] = row[2 * j];
@@ -109,23 +135,32 @@ at::Tensor gemm_pack_weight(const at::Tensor& w) {
   return out;
 }
 
-at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
+at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
+                bool gated) {
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
                   packed.size(2) == COLS && packed.size(3) == 2 && packed.is_contiguous(),
               "gemm: bf16 x and a packed weight from pack_weight");
   const int64_t steps = packed.size(1), K = 2 * steps, P = packed.size(0);
-  TORCH_CHECK(x_in.size(-1) == K && n > 0 && n <= P * COLS, "gemm: x [..., ", K, "] and n <= ", P * COLS);
+  const int64_t per_panel = gated ? COLS / 2 : COLS;  // output columns of one panel
+  const int64_t width = gated ? n / 2 : n;  // output columns
+  TORCH_CHECK(x_in.size(-1) == K && n > 0 && (!gated || n % 2 == 0) && (width + per_panel - 1) / per_panel == P,
+              "gemm: x [..., ", K, "] and n matching the packed weight");
   const at::Tensor x = x_in.reshape({-1, K}).contiguous();  // [M, K]
   const int64_t M = x.size(0);
   std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
-  shape.back() = n;
-  at::Tensor out = at::empty(shape, x_in.options());  // [..., n]
+  shape.back() = width;
+  at::Tensor out = at::empty(shape, x_in.options());  // [..., width]
   if (M == 0) return out;
-  at::Tensor b32;  // bias in fp32, padded to whole panels
+  at::Tensor b32;  // bias in fp32, laid out as the panels' columns
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == n, "gemm: bias of ", n, " values");
+    const at::Tensor b = bias->reshape({n}).to(at::kFloat).contiguous();
     b32 = at::zeros({P * COLS}, x_in.options().dtype(at::kFloat));
-    b32.narrow(0, 0, n).copy_(bias->reshape({n}));
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t j = 0; j < COLS; ++j) {
+        const int64_t r = source_row(p, j, n, gated);
+        if (r >= 0) b32.data_ptr<float>()[p * COLS + j] = b.data_ptr<float>()[r];
+      }
   }
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<bf16>());  // pairs
@@ -147,15 +182,15 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, con
       const int64_t tiles = (rn + MR - 1) / MR;
       const __m512i* panel = wp + p * panel_lines;
       const char* next = item + 1 < end ? reinterpret_cast<const char*>(wp + ((item + 1) % P) * panel_lines) : nullptr;
-      const int64_t ncols = std::min<int64_t>(COLS, n - p * COLS);
+      const int64_t ncols = std::min<int64_t>(per_panel, width - p * per_panel);
       int64_t m0 = r0, left = rn;
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t rows = (left + (tiles - t) - 1) / (tiles - t);  // nearly equal heights
         // this tile's share of the next panel's lines
         const int64_t la = panel_lines * t / tiles, lb = panel_lines * (t + 1) / tiles;
         tile_rows(rows, xp + m0 * steps, steps, panel, steps, bp == nullptr ? nullptr : bp + p * COLS,
-                  op + m0 * n + p * COLS, n, ncols, next == nullptr ? nullptr : next + 64 * la,
-                  next == nullptr ? 0 : lb - la);
+                  op + m0 * width + p * per_panel, width, ncols, next == nullptr ? nullptr : next + 64 * la,
+                  next == nullptr ? 0 : lb - la, gated);
         m0 += rows;
         left -= rows;
       }
@@ -166,11 +201,11 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, con
 
 #else  // no AVX512-BF16: Linear does not call these (fused_ops_available() is false)
 
-at::Tensor gemm_pack_weight(const at::Tensor&) {
+at::Tensor gemm_pack_weight(const at::Tensor&, bool) {
   TORCH_CHECK(false, "the bf16 gemm needs a CPU with AVX512-BF16");
   return {};
 }
-at::Tensor gemm(const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&) {
+at::Tensor gemm(const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&, bool) {
   TORCH_CHECK(false, "the bf16 gemm needs a CPU with AVX512-BF16");
   return {};
 }

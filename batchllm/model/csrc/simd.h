@@ -53,5 +53,16 @@ inline __m512 exp512(__m512 x) {
   return exp2_512<6>(_mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.f)), _mm512_set1_ps(1.44269504f)));
 }
 
+// SiLU of bf16 values, rounded to bf16 as torch's F.silu on a bf16 tensor: x / (1 + exp(-x)). Below x = -88 exp(-x)
+// would overflow (1 + inf, then NaN under -ffast-math): those lanes give 0, as torch's x / inf gives -0 (one bf16
+// step of ~1e-37 differs for x in [-88.7, -88)). `silu_mul` and the gated gemm's epilogue both use it and give the
+// same bits (`test_layers.py` checks it: -ffast-math could contract it differently at two call sites).
+inline __m512 silu_bf16(__m512 x) {
+  const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_set1_ps(88.f)));
+  const __m512 s = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-88.f), _CMP_LT_OQ);
+  return round_bf16(_mm512_mask_mov_ps(s, tiny, _mm512_setzero_ps()));
+}
+
 }  // namespace simd
 #endif
