@@ -9,8 +9,9 @@ need (its prompt plus an estimate of its output, see `DecodeEstimator`) fits bes
 expected to grow to; there is no cap on the number of running sequences. The streaming baselines ("fcfs-cache",
 "lpm-cache", "fcfs") admit on the blocks needed now, under a request cap, as vLLM and SGLang do.
 
-When a running sequence cannot get a block, the most recently admitted running sequence is preempted (its own blocks
-are freed and it is recomputed later). Shared nodes a running sequence needs are never evicted; a shared node whose
+When a running sequence cannot get a block, the blocks other leaves took ahead of their writes are handed back first
+("batchllm"); then the most recently admitted running sequence is preempted (its own blocks are freed and it is
+recomputed later). Shared nodes a running sequence needs are never evicted; a shared node whose
 subtree is entirely waiting is evicted only when the last running sequence (or, with none running, the head of the
 queue) cannot fit otherwise.
 """
@@ -187,6 +188,8 @@ class Scheduler:
         while not self._allocate(seq, seq.num_computed_tokens + n):
             if len(self.running) == 1 and self._evict_idle_node(seq):
                 continue
+            if self.memory_centric and self._release_unwritten(seq, plan):
+                continue
             victim = self.running[-1]
             self._preempt(victim)
             plan.preempted.append(victim)
@@ -282,10 +285,26 @@ class Scheduler:
         the queue in one run, mostly adjacent, instead of one at a time interleaved with every other decoding leaf's;
         a decode step reads each leaf's keys in long sequential runs (decode attention 5-14% faster on
         `mixed-output`). Admission already counted these blocks (`_expected_growth`), so it admits the same
-        sequences; a leaf that stops early frees them when it finishes."""
+        sequences; a leaf that stops early frees them when it finishes, and a leaf that outgrows its estimate while
+        the pool is empty gets the unwritten ones back before anyone is preempted (`_release_unwritten`)."""
         extra = self._blocks_for(seq, self.estimator.final_len(seq)) - len(seq.blocks)
         if extra > 0 and extra + others_growth + self.pending_need <= self.pool.num_free:
             seq.blocks.extend(self.pool.allocate(extra))
+
+    def _release_unwritten(self, needy: Sequence, plan: StepPlan) -> bool:
+        """Before anyone is preempted: hand back the blocks other running leaves took ahead (`_allocate_ahead`) and
+        have not reached, keeping those of this step's planned tokens. Returns whether any came back."""
+        planned = {id(s): k for s, k in zip(plan.seqs, plan.num_new)}
+        released = False
+        for s in self.running:
+            if s is needy or s.is_node:
+                continue
+            keep = self._blocks_for(s, s.num_computed_tokens + planned.get(id(s), 1))
+            if len(s.blocks) > keep:
+                self.pool.free(s.blocks[keep:])
+                del s.blocks[keep:]
+                released = True
+        return released
 
     def _group_reservation(self, root: Sequence) -> int:
         """Reserve, on each sequence below `root`, the blocks it is expected to need; return their sum."""

@@ -190,6 +190,27 @@ def test_ahead_blocks_are_taken_only_beside_what_others_are_expected_to_need():
     assert a.blocks == [0, 1]  # position 4 opened the second block, on demand
 
 
+def test_unwritten_ahead_blocks_come_back_before_anyone_is_preempted():
+    """A leaf running past its estimate (here: its bound raised after admission, as when the history estimate was
+    low) needs a block while the pool is empty: the blocks another leaf took ahead and has not reached come back
+    first, and nobody is preempted."""
+    sched = make_sched(policy="batchllm", blocks=8, budget=64)
+    a, b = leaf(1, 4, max_tokens=4), leaf(2, 4, max_tokens=12)  # expected: 2 and 4 blocks
+    sched.add([a, b])
+    step(sched)
+    assert (a.blocks, b.blocks) == ([0, 1], [2, 3, 4, 5])
+    sched.pool.allocate(2)  # the pool's last two blocks go elsewhere
+    a.max_tokens = 8  # a will write positions 8-11: a third block
+    for _ in range(4):
+        step(sched)
+    assert a.num_computed_tokens == 8 and sched.pool.num_free == 0
+    step(sched)  # a writes position 8: b (at position 8 too) keeps blocks up to it and returns block 5
+    assert (a.blocks, b.blocks) == ([0, 1, 5], [2, 3, 4])
+    while b.status is not Status.FINISHED:
+        step(sched)
+    assert sched.num_preemptions == 0 and b.output_ids == [7] * 12
+
+
 def test_request_cap_binds_baselines_only():
     sched = make_sched(policy="fcfs", blocks=50, budget=64, max_num_seqs=2)
     sched.add([leaf(i, 4) for i in range(3)])
