@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from batchllm import machine
 from batchllm.batch import build_sequences
 from batchllm.config import EngineConfig, ModelConfig
 from batchllm.detokenize import IncrementalDetokenizer, find_stop
@@ -34,55 +35,6 @@ from batchllm.scheduler import Scheduler, StepPlan
 from batchllm.tokenizer import encode, encode_batch, encode_chat, load_tokenizer
 
 Prompt = str | dict
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 matmuls beat fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    if dtype not in names:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(names)}, got {dtype!r}")
-    return names[dtype]
-
-
-def default_kv_budget(device: torch.device) -> int:
-    """A sensible share of free memory for the KV cache: 80% of free GPU memory, or 25% of available RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8)
-    available = available_memory()
-    return 2 << 30 if available is None else int(available * 0.25)
-
-
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes, or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return info["MemAvailable"]
-    except (OSError, KeyError, ValueError, IndexError):
-        return None
 
 
 class Stats(dict):
@@ -124,17 +76,17 @@ class LLM:
         if not (model_dir / "config.json").exists():
             model_dir = Path(_download(str(model)))
         self.model_dir = model_dir
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.device = machine.resolve_device(device)
+        self.dtype = machine.resolve_dtype(dtype, self.device)
         self.model_config = ModelConfig.from_hf(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
-        budget = kv_cache_memory_bytes if kv_cache_memory_bytes is not None else default_kv_budget(self.device)
+        budget = kv_cache_memory_bytes if kv_cache_memory_bytes is not None else machine.default_kv_budget(self.device)
         if kv_cache_commit not in ("auto", "upfront", "lazy"):
             raise ValueError(f"kv_cache_commit must be 'auto', 'upfront' or 'lazy', got {kv_cache_commit!r}")
         # An explicit budget is a reservation: committed now, as vLLM does, so the run never waits on fresh pages.
         # The default budget (a guessed share of RAM) stays a ceiling: committed only as blocks fill.
         commit = kv_cache_commit == "upfront" or (kv_cache_commit == "auto" and kv_cache_memory_bytes is not None)
-        available = available_memory() if commit and self.device.type == "cpu" else None
+        available = machine.available_memory() if commit and self.device.type == "cpu" else None
         if available is not None and budget > available:
             raise ValueError(f"kv_cache_memory_bytes={budget} is more than the {available} bytes of memory available "
                              f"to commit now; pass a smaller budget, or kv_cache_commit='lazy' to map it as it fills")

@@ -16,6 +16,8 @@ import torch
 from batchllm.tiny import build_tiny_checkpoint, train_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))  # lets tests `from hf_reference import hf_greedy`
+# Built kernels and fetched models go to the checkout's own cache (git-ignored), never the user's ~/.cache.
+os.environ.setdefault("BATCHLLM_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "batchllm"))
 
 LLAMA3_ROPE_SCALING = {
     "rope_type": "llama3",

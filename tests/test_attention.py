@@ -477,6 +477,6 @@ def test_bf16_without_the_avx512_kernels_uses_torch_for_large_parts(monkeypatch)
     out, ref, _ = run_case(step, 8, 2, dtype=torch.bfloat16)
     assert (out.double() - ref).abs().max().item() < 1e-2
     monkeypatch.setattr(attn_mod, "has_bf16_kernels", lambda: True)
-    if attn_mod.load_cpu_kernels().fused_ops_available():
+    if attn_mod.load_cpu_kernels().bf16_kernels():
         meta = AttentionMetadata.build(parts, positions, slots, step.block_size, CPU, dtype=torch.bfloat16)
         assert meta.buckets == []  # every part in our kernel

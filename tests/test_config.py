@@ -13,7 +13,7 @@ import torch
 from batchllm import LLM
 from batchllm.config import EngineConfig, ModelConfig
 from batchllm.kv.cache import KVCache
-from batchllm.llm import resolve_dtype
+from batchllm.machine import resolve_dtype
 
 
 def test_configs_of_the_three_architectures(tiny_llama, tiny_qwen2, tiny_mistral, tiny_llama_mqa, tiny_llama3_rope):
@@ -76,7 +76,7 @@ def test_kv_cache_commit_auto_commits_an_explicit_budget_only(tiny_llama, monkey
     path = str(tiny_llama)
     assert LLM(path, dtype="float32", kv_cache_memory_bytes=1 << 20).kv.committed
     assert not LLM(path, dtype="float32", kv_cache_memory_bytes=1 << 20, kv_cache_commit="lazy").kv.committed
-    monkeypatch.setattr("batchllm.llm.default_kv_budget", lambda device: 1 << 20)
+    monkeypatch.setattr("batchllm.machine.default_kv_budget", lambda device: 1 << 20)
     assert not LLM(path, dtype="float32").kv.committed  # the default budget is a guess: committed as blocks fill
     assert LLM(path, dtype="float32", kv_cache_commit="upfront").kv.committed
     with pytest.raises(ValueError, match="kv_cache_commit"):
@@ -85,7 +85,7 @@ def test_kv_cache_commit_auto_commits_an_explicit_budget_only(tiny_llama, monkey
 
 def test_a_committed_budget_beyond_available_memory_fails_at_start(tiny_llama, monkeypatch):
     path = str(tiny_llama)
-    monkeypatch.setattr("batchllm.llm.available_memory", lambda: 4 << 20)
+    monkeypatch.setattr("batchllm.machine.available_memory", lambda: 4 << 20)
     with pytest.raises(ValueError, match="more than the 4194304 bytes of memory available"):
         LLM(path, dtype="float32", kv_cache_memory_bytes=8 << 20)
     assert LLM(path, dtype="float32", kv_cache_memory_bytes=2 << 20).kv.committed  # within it: committed

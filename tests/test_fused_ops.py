@@ -6,15 +6,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_paths import isa_params
 
 from batchllm.config import RopeConfig
 from batchllm.model.attention import AttentionMetadata, AttnPart, _merge
 from batchllm.model.cpu_kernels import load_cpu_kernels
 from batchllm.model.layers import RotaryTable, apply_rotary, rms_norm
 
-kernels = load_cpu_kernels()
-pytestmark = pytest.mark.skipif(kernels is None, reason="the CPU kernels could not be built here")
 BF16 = torch.bfloat16
+
+
+@pytest.fixture(params=isa_params(need_bf16=True))
+def kernels(request):
+    """The compiled module of each kernel path with bf16 kernels that this CPU runs."""
+    return load_cpu_kernels(request.param)
 
 
 def randn(*shape, seed=0, scale=1.0):
@@ -28,14 +33,14 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs() / spacing
 
 
-def test_rms_norm_matches_torch_order_of_roundings():
+def test_rms_norm_matches_torch_order_of_roundings(kernels):
     x, w = randn(37, 512, seed=1, scale=3.0), randn(512, seed=2)
     out = kernels.rms_norm(x, w, 1e-6)
     assert ulps(out, rms_norm(x, w, 1e-6)).max().item() <= 1
     assert (out == rms_norm(x, w, 1e-6)).float().mean().item() > 0.99
 
 
-def test_add_rms_norm_updates_x_in_place():
+def test_add_rms_norm_updates_x_in_place(kernels):
     x, delta, w = randn(9, 256, seed=3), randn(9, 256, seed=4), randn(256, seed=5)
     expect_x = x + delta
     expect_h = rms_norm(expect_x, w, 1e-5)
@@ -45,7 +50,7 @@ def test_add_rms_norm_updates_x_in_place():
     assert ulps(h, expect_h).max().item() <= 1
 
 
-def test_silu_mul():
+def test_silu_mul(kernels):
     gu = randn(11, 2 * 352, seed=6, scale=4.0)
     gate, up = gu.chunk(2, dim=-1)
     expect = F.silu(gate) * up
@@ -57,7 +62,7 @@ def test_silu_mul():
     assert (out == expect).float().mean().item() > 0.98
 
 
-def test_silu_mul_of_large_negative_gates_is_zero_not_nan():
+def test_silu_mul_of_large_negative_gates_is_zero_not_nan(kernels):
     """exp(-gate) overflows below gate = -88.7; torch's gate / (1 + inf) gives -0. The kernel gives 0 there (it used
     to give NaN under -ffast-math), and torch's value everywhere else but [-88.7, -88), where torch's ~1e-37 is 0."""
     gate = torch.tensor([-1e4, -1000, -100, -89, -88, -87, -20, -1, 0, 1, 20, 88, 89, 100, 1000], dtype=BF16)
@@ -69,7 +74,7 @@ def test_silu_mul_of_large_negative_gates_is_zero_not_nan():
 
 
 @pytest.mark.parametrize("heads,kv_heads,d", [(8, 4, 64), (4, 1, 32)])
-def test_rope_write_kv(heads, kv_heads, d):
+def test_rope_write_kv(heads, kv_heads, d, kernels):
     t, blocks, bs = 13, 6, 4
     table = RotaryTable(RopeConfig(theta=10000.0), d, 64, BF16, torch.device("cpu"))
     qkv = randn(t, (heads + 2 * kv_heads) * d, seed=7)
@@ -92,7 +97,7 @@ def test_rope_write_kv(heads, kv_heads, d):
     assert not flat[:, ~written].any()  # nothing else touched
 
 
-def test_merge_matches_torch_merge():
+def test_merge_matches_torch_merge(kernels):
     rng = np.random.default_rng(0)
     t, h, d = 6, 4, 32
     parts = [AttnPart(np.array([0, 1, 2]), [0], 0, 4), AttnPart(np.array([0]), [1], 4, 2),
@@ -113,7 +118,7 @@ def test_merge_matches_torch_merge():
 
 
 @pytest.mark.parametrize("vocab", [1, 5, 31, 32, 33, 100, 32000, 151936])
-def test_argmax_rows_equals_torch_argmax_of_the_fp32_values(vocab):
+def test_argmax_rows_equals_torch_argmax_of_the_fp32_values(vocab, kernels):
     x = randn(12, vocab, seed=vocab)
     x[1] = 0.0
     x[2, : vocab // 2] = -0.0  # -0 ties with +0: the lowest index wins
@@ -135,7 +140,8 @@ def test_argmax_rows_equals_torch_argmax_of_the_fp32_values(vocab):
     assert got[4].item() == 0
 
 
-def test_bf16_engine_matches_hf_fp32_within_bf16_noise(tmp_path_factory, tokenizer_dir):
+@pytest.mark.parametrize("isa", isa_params(need_bf16=True))
+def test_bf16_engine_matches_hf_fp32_within_bf16_noise(tmp_path_factory, tokenizer_dir, isa, monkeypatch):
     """The whole bf16 CPU path (AVX512-BF16 attention over shared prefixes and decodes, fused ops) on a model with
     head_dim 32, against HF in fp32: log-probabilities stay within bf16 noise and each step's token is HF's top-1
     wherever HF's top-2 margin exceeds that noise. Measured on this batch: max error 0.097 and median 0.026 here;
@@ -149,6 +155,7 @@ def test_bf16_engine_matches_hf_fp32_within_bf16_noise(tmp_path_factory, tokeniz
     sys.path.insert(0, str(Path(__file__).parent))
     from hf_reference import hf_logprobs
 
+    monkeypatch.setenv("BATCHLLM_ISA", isa)
     model_dir = build_tiny_checkpoint(tmp_path_factory.mktemp("d32"), "llama", hidden_size=128, num_heads=4,
                                       num_kv_heads=2, intermediate_size=256, tokenizer_dir=tokenizer_dir, seed=5)
     llm = LLM(str(model_dir), dtype="bfloat16", block_size=16)
@@ -182,7 +189,11 @@ def test_a_stale_torch_build_lock_does_not_hang_the_next_load():
     import sys
     from pathlib import Path
 
+    from batchllm.machine import selected_isa
+
     cache = Path(os.environ.get("BATCHLLM_CACHE", Path.home() / ".cache" / "batchllm")) / "torch_extensions"
+    cache = cache / selected_isa()
+    cache.mkdir(parents=True, exist_ok=True)
     (cache / "lock").touch()  # what the killed process left
     code = "from batchllm.model.cpu_kernels import load_cpu_kernels; assert load_cpu_kernels() is not None"
     subprocess.run([sys.executable, "-c", code], timeout=300, check=True)

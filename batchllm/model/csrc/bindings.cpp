@@ -14,10 +14,23 @@ void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::
                    const at::Tensor& positions, at::Tensor& kv, const at::Tensor& slots);
 at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index);
 at::Tensor argmax_rows(const at::Tensor& x);
-bool fused_ops_available();
+bool bf16_kernels();
 at::Tensor gemm_pack_weight(const at::Tensor& w, bool gated);
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
                 bool gated);
+
+// The kernel path of this build, from the compiler's target macros (batchllm.machine.ISA_CFLAGS sets them).
+const char* isa() {
+#if defined(__AVX512BF16__)
+  return "avx512bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ragged_attention", &ragged_attention, "paged attention over ragged parts (CPU), returns (out fp32, lse)");
@@ -25,7 +38,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "x += delta in place, then RMSNorm of x (bf16)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (bf16)");
   m.def("rope_write_kv", &rope_write_kv, "rotary embedding of q, k in place and K/V written to cache slots (bf16)");
-  m.def("fused_ops_available", &fused_ops_available, "whether rms_norm ... merge were built (AVX512-BF16 CPU)");
+  m.def("bf16_kernels", &bf16_kernels, "whether this build has the bf16 gemm, attention and fused ops");
+  m.def("isa", &isa, "the kernel path this module was built for: portable, avx2, avx512 or avx512bf16");
   m.def("merge", &merge, "log-sum-exp merge of partial attention results into bf16 rows");
   m.def("gemm_pack_weight", &gemm_pack_weight, "a bf16 weight [N, K] in the layout of gemm (panels of 64 columns)",
         pybind11::arg("w"), pybind11::arg("gated") = false);

@@ -25,7 +25,7 @@
 
 #include "simd.h"
 
-bool fused_ops_available() {
+bool bf16_kernels() {
 #ifdef BATCHLLM_HAS_BF16_KERNEL
   return true;
 #else
@@ -263,7 +263,7 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
-#else  // no AVX512-BF16: the model does not call these (fused_ops_available() is false)
+#else  // no AVX512-BF16: the model does not call these (bf16_kernels() is false)
 
 static void unavailable() { TORCH_CHECK(false, "fused ops need a CPU with AVX512-BF16"); }
 at::Tensor rms_norm(const at::Tensor&, const at::Tensor&, double) { unavailable(); return {}; }

@@ -199,7 +199,7 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, con
   return out;
 }
 
-#else  // no AVX512-BF16: Linear does not call these (fused_ops_available() is false)
+#else  // no AVX512-BF16: Linear does not call these (bf16_kernels() is false)
 
 at::Tensor gemm_pack_weight(const at::Tensor&, bool) {
   TORCH_CHECK(false, "the bf16 gemm needs a CPU with AVX512-BF16");
