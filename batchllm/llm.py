@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,9 +22,10 @@ from batchllm import machine
 from batchllm.batch import build_sequences
 from batchllm.config import EngineConfig, ModelConfig
 from batchllm.detokenize import IncrementalDetokenizer, find_stop
+from batchllm.hub import resolve_model
 from batchllm.kv.block_pool import BlockPool
 from batchllm.kv.cache import KVCache
-from batchllm.model.llama import LlamaModel
+from batchllm.model.decoder import DecoderModel
 from batchllm.model.loader import load_weights
 from batchllm.outputs import CompletionOutput, RequestOutput
 from batchllm.prefix.plan import plan_batch
@@ -66,19 +67,19 @@ class _Request:
 
 
 class LLM:
-    """Offline batch inference over a local Hugging Face Llama-family checkpoint."""
+    """Offline batch inference. `model`: an HF folder, a .gguf file (or a folder holding one), a named model
+    (`smollm2-135m-instruct`) or a hub id; see `batchllm.hub`."""
 
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", kv_cache_memory_bytes: int | None = None,
                  block_size: int = 16, max_num_batched_tokens: int = 2048, seed: int = 0, device: str = "auto",
                  policy: str = "batchllm", decode_estimate: str = "history", max_num_seqs: int = 256,
-                 plan_mode: str = "nested", kv_cache_commit: str = "auto"):
-        model_dir = Path(model)
-        if not (model_dir / "config.json").exists():
-            model_dir = Path(_download(str(model)))
-        self.model_dir = model_dir
+                 plan_mode: str = "nested", kv_cache_commit: str = "auto", max_model_len: int | None = None):
         self.device = machine.resolve_device(device)
         self.dtype = machine.resolve_dtype(dtype, self.device)
-        self.model_config = ModelConfig.from_hf(model_dir)
+        self.load_timings: dict[str, float] = {}  # seconds spent fetching, converting and loading the model
+        model_dir = self.model_dir = resolve_model(model, self.dtype, self.load_timings)
+        start = time.perf_counter()
+        self.model_config = _with_context(ModelConfig.from_hf(model_dir), max_model_len)
         self.tokenizer = load_tokenizer(model_dir)
         budget = kv_cache_memory_bytes if kv_cache_memory_bytes is not None else machine.default_kv_budget(self.device)
         if kv_cache_commit not in ("auto", "upfront", "lazy"):
@@ -101,13 +102,14 @@ class LLM:
             raise ValueError(f"plan_mode must be 'nested', 'one-level' or 'none', got {plan_mode!r}")
         self.plan_mode = plan_mode if policy == "batchllm" else "none"
         self.max_num_seqs = max_num_seqs
-        self.model = LlamaModel(self.model_config, self.dtype, self.device)
+        self.model = DecoderModel(self.model_config, self.dtype, self.device)
         load_weights(self.model, model_dir)
         self.kv = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device, commit=commit)
         eos = self.model_config.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id
                                                    is not None else ())
         self.eos_token_ids = frozenset(eos)
         self.runner = ModelRunner(self.model, self.kv, next(iter(sorted(eos)), None))
+        self.load_timings["load_s"] = time.perf_counter() - start
         self.progress: dict = {}
         self._stats: dict = {}
 
@@ -382,6 +384,19 @@ class LLM:
                              error=error)
 
 
+def _with_context(cfg: ModelConfig, max_model_len: int | None) -> ModelConfig:
+    """The model's config with the engine's context length: `max_model_len`, or by default the model's own (for a
+    longrope model, its original context, within which it equals HF exactly; see `layers.rope_inv_freq`)."""
+    limit = cfg.max_model_len
+    if max_model_len is None:
+        long_rope = cfg.rope.rope_type == "longrope"
+        return replace(cfg, max_model_len=cfg.rope.original_max_position_embeddings) if long_rope else cfg
+    if not 0 < max_model_len <= limit:
+        raise ValueError(f"max_model_len must be in [1, {limit}] (the model's max_position_embeddings), "
+                         f"got {max_model_len}")
+    return replace(cfg, max_model_len=max_model_len)
+
+
 def _text_of(prompt) -> str | None:
     """The text of a prompt given as text (a str, or {'prompt': str} without token ids); None otherwise."""
     if isinstance(prompt, str):
@@ -409,14 +424,3 @@ def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="requests", unit="req", disable=os.environ.get("BATCHLLM_NO_TQDM") == "1")
-
-
-def _download(model_id: str) -> str:
-    """A hub id: fetch through huggingface_hub where a network exists."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-    except Exception as e:
-        raise FileNotFoundError(f"{model_id!r} is not a local model folder (no config.json) and could not be "
-                                f"downloaded: {e}") from e

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import platform as _platform
+from pathlib import Path
 
 ISAS = ("portable", "avx2", "avx512", "avx512bf16")
 
@@ -101,6 +102,13 @@ def selected_isa() -> str:
 def isa_cflags(isa: str) -> list[str]:
     """Compiler flags of a kernel path's build."""
     return list(ISA_CFLAGS[isa]) if is_x86_64() else []
+
+
+def cache_root() -> Path:
+    """Where batchllm keeps what it builds and fetches (kernels, converted models): `$BATCHLLM_CACHE`, else
+    `~/.cache/batchllm` (not created here)."""
+    env = os.environ.get("BATCHLLM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "batchllm"
 
 
 # ------------------------------------------------------------------------------------------- device, dtype, memory

@@ -15,7 +15,7 @@ import torch
 
 from batchllm.kv.cache import KVCache
 from batchllm.model.attention import AttentionMetadata, AttnPart
-from batchllm.model.llama import ForwardBatch, LlamaModel
+from batchllm.model.decoder import DecoderModel, ForwardBatch
 from batchllm.request import Sequence
 from batchllm.sampling import SampleResult, SamplingBatch, SamplingParams, sample
 from batchllm.scheduler import StepPlan
@@ -31,7 +31,7 @@ class SampleRow:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCache, eos_token_id: int | None):
+    def __init__(self, model: DecoderModel, kv: KVCache, eos_token_id: int | None):
         self.model = model
         self.kv = kv
         self.device = kv.device
@@ -76,19 +76,25 @@ class ModelRunner:
             parts.append(AttnPart(np.asarray(rows, dtype=np.int64), node.blocks, node.start,
                                   node.num_tokens - node.start))
         positions = np.asarray(positions, dtype=np.int64)  # [T]
-        meta = AttentionMetadata.build(parts, positions, np.asarray(slots, dtype=np.int64), bs, self.device,
-                                       sliding_window=self.model.cfg.sliding_window, dtype=self.model.dtype)
+        slots_np = np.asarray(slots, dtype=np.int64)  # [T]
+        logits_np = np.asarray(logits_rows, dtype=np.int64)  # [B]
         dev = self.device
+        attn, attn_last = {}, {}
+        for window in self.model.windows:  # one metadata per window size among the layers (0: no window)
+            attn[window] = AttentionMetadata.build(parts, positions, slots_np, bs, dev, sliding_window=window or None,
+                                                   dtype=self.model.dtype)
+            attn_last[window] = self._logits_attention(parts, positions, logits_np, window)
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),  # [T]
             positions=torch.from_numpy(positions).to(dev),  # [T]
-            attn=meta,
+            slots=torch.from_numpy(slots_np).to(dev),  # [T]
+            attn=attn,
             logits_rows=torch.tensor(logits_rows, dtype=torch.int64, device=dev),  # [B]
-            attn_last=self._logits_attention(parts, positions, np.asarray(logits_rows, dtype=np.int64)),
+            attn_last=None if attn_last[self.model.windows[0]] is None else attn_last,
         )
 
-    def _logits_attention(self, parts: list[AttnPart], positions: np.ndarray,
-                          logits_rows: np.ndarray) -> AttentionMetadata | None:
+    def _logits_attention(self, parts: list[AttnPart], positions: np.ndarray, logits_rows: np.ndarray,
+                          window: int) -> AttentionMetadata | None:
         """The step's attention restricted to `logits_rows` (renumbered 0 .. B-1, in that order), for the last layer;
         None when every row is a logits row (pure decode), where the restriction saves nothing."""
         num_tokens = positions.shape[0]
@@ -104,7 +110,7 @@ class ModelRunner:
                 kept.append(AttnPart(rows, p.block_ids, p.kv_start, p.kv_len))
         no_write = np.full(logits_rows.shape[0], -1, dtype=np.int64)  # the full step's metadata writes the K/V
         return AttentionMetadata.build(kept, positions[logits_rows], no_write, self.kv.block_size, self.device,
-                                       sliding_window=self.model.cfg.sliding_window, dtype=self.model.dtype)
+                                       sliding_window=window or None, dtype=self.model.dtype)
 
     def execute(self, plan: StepPlan, rows: list[SampleRow]) -> SampleResult | None:
         """Run the step's forward pass and sample one token for each of `rows` (the plan's sampling leaves)."""

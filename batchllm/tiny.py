@@ -19,6 +19,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from batchllm.machine import cache_root
+
 __all__ = [
     "BENCH_SHAPE",
     "CHAT_TEMPLATE",
@@ -116,12 +118,6 @@ Emoji: 😀 😂 🚀 🌍 🍕 ❤️ 👍🏽 👨‍👩‍👧 🎉 ✨ 🐍
 CORPUS = _CORPUS_EN + _CORPUS_MULTIBYTE
 
 
-def cache_root() -> Path:
-    """The folder for built default models: `$BATCHLLM_CACHE`, else `~/.cache/batchllm` (not created here)."""
-    env = os.environ.get("BATCHLLM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "batchllm"
-
-
 def default_init_std(hidden_size: int) -> float:
     """The weight std used when `init_std` is None: 1.5 / sqrt(hidden_size).
 
@@ -196,24 +192,34 @@ def _special_ids(tokenizer_dir: Path) -> dict[str, int]:
     return {"bos": ids[BOS], "eos": ids[EOS], "pad": ids[PAD], "size": size}
 
 
+# arch -> (transformers config class, model class), both by name (imported on use)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+}
+
+
 def _make_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
                  intermediate_size: int, head_dim: int | None, max_position_embeddings: int, rope_theta: float,
                  rope_scaling: dict | None, tie_word_embeddings: bool | None, sliding_window: int | None,
-                 init_std: float, special: dict[str, int], dtype: str):
-    """Build the transformers config object for `arch` (no side effects)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+                 init_std: float, special: dict[str, int], dtype: str, extra: dict | None = None):
+    """Build the transformers config object for `arch` (no side effects). `extra`: more config fields (e.g.
+    Gemma 3's layer_types or query_pre_attn_scalar); they override the ones derived here."""
+    import transformers
 
-    if arch not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"unknown arch {arch!r}; expected 'llama', 'qwen2' or 'mistral'")
-    if sliding_window is not None and arch != "mistral":
-        raise ValueError("sliding_window is only supported for arch='mistral'")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
     if num_heads % num_kv_heads or (head_dim is None and hidden_size % num_heads):
         raise ValueError("num_heads must divide by num_kv_heads (and hidden_size by num_heads when head_dim is None)")
     rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
     if rope_scaling:
         rope_parameters = {**{k: v for k, v in rope_scaling.items() if k != "type"}, "rope_theta": float(rope_theta)}
         rope_parameters.setdefault("rope_type", rope_scaling.get("type", "default"))
-    common = dict(
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
@@ -228,14 +234,21 @@ def _make_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: in
         bos_token_id=special["bos"],
         eos_token_id=special["eos"],
         pad_token_id=special["pad"],
-        tie_word_embeddings=(arch == "qwen2") if tie_word_embeddings is None else tie_word_embeddings,
+        tie_word_embeddings=arch in ("qwen2", "gemma3") if tie_word_embeddings is None else tie_word_embeddings,
         dtype=dtype,
     )
-    if arch == "llama":
-        return LlamaConfig(**common)
-    if arch == "qwen2":
-        return Qwen2Config(**common, use_sliding_window=False, max_window_layers=num_layers)
-    return MistralConfig(**common, sliding_window=sliding_window)
+    if arch in ("qwen2", "qwen3"):
+        fields.update(use_sliding_window=sliding_window is not None, sliding_window=sliding_window,
+                      max_window_layers=num_layers if sliding_window is None else 0)
+    elif arch == "gemma3":  # one rope per layer type; sliding layers keep their own base
+        fields.update(sliding_window=sliding_window or 4096, rope_parameters={
+            "full_attention": rope_parameters, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    elif arch != "llama":
+        fields.update(sliding_window=sliding_window)
+    elif sliding_window is not None:
+        raise ValueError("sliding_window: Llama has no sliding window")
+    fields.update(extra or {})
+    return getattr(transformers, ARCHS[arch][0])(**fields)
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -243,12 +256,12 @@ def _tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**63 - 1)
 
 
-def _random_weights(model, seed: int, std: float, dtype) -> dict:
+def _random_weights(model, seed: int, std: float, dtype, norm_center: float = 1.0) -> dict:
     """Fresh tensors for every parameter of `model` (which may live on the meta device), keyed by parameter name.
 
     Each tensor comes from its own generator seeded by (seed, name). Linear weights, embeddings and biases
-    ~ N(0, std); RMSNorm weights ~ 1 + N(0, 0.1) (not all ones, so a loader that swaps the two norms of a layer is
-    caught). A tied lm_head is not listed (named_parameters() yields a shared tensor once). Changes nothing.
+    ~ N(0, std); RMSNorm weights ~ norm_center + N(0, 0.1) (not all equal, so a loader that swaps the two norms of a
+    layer is caught). A tied lm_head is not listed (named_parameters() yields a shared tensor once). Changes nothing.
     """
     import torch
 
@@ -256,7 +269,7 @@ def _random_weights(model, seed: int, std: float, dtype) -> dict:
     for name, param in sorted(model.named_parameters()):
         gen = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name))
         noise = torch.randn(tuple(param.shape), generator=gen, dtype=torch.float32)  # [*param.shape]
-        value = 1.0 + 0.1 * noise if name.endswith("norm.weight") else std * noise
+        value = norm_center + 0.1 * noise if name.endswith("norm.weight") else std * noise
         weights[name] = value.to(dtype).contiguous()
     return weights
 
@@ -281,10 +294,13 @@ def build_tiny_checkpoint(
     vocab_size: int = TOKENIZER_MAX_VOCAB,
     dtype: str = "float32",
     tokenizer_dir: str | Path | None = None,
+    config: dict | None = None,
 ) -> Path:
     """Write a random-weight HF checkpoint (config.json, model.safetensors, tokenizer files) into `out_dir`.
 
-    `arch` is "llama", "qwen2" (qkv bias; tied embeddings unless `tie_word_embeddings=False`) or "mistral".
+    `arch` is one of ARCHS: "llama", "qwen2" (qkv bias; tied embeddings unless `tie_word_embeddings=False`),
+    "mistral", "qwen3" (q/k norms), "gemma3" (text; tied) or "phi3" (fused projections in the file). `config` adds
+    or overrides fields of the HF config (e.g. Gemma 3's layer_types, Phi-3's longrope `rope_parameters`).
     `init_std` None means `default_init_std(hidden_size)`. `rope_scaling` is an HF rope dict (e.g. llama3:
     rope_type, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings); it is written, with
     `rope_theta`, as the config's `rope_parameters` (transformers 5 layout). A `vocab_size` above the tokenizer's
@@ -293,7 +309,7 @@ def build_tiny_checkpoint(
     Creates `out_dir` (and parents) if needed; overwrites files of the same names. Returns `out_dir` as a Path.
     """
     import torch
-    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+    import transformers
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,18 +323,18 @@ def build_tiny_checkpoint(
     if vocab_size < special["size"]:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {special['size']}")
     std = default_init_std(hidden_size) if init_std is None else float(init_std)
-    config = _make_config(
+    hf_config = _make_config(
         arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, head_dim=head_dim,
         max_position_embeddings=max_position_embeddings, rope_theta=rope_theta, rope_scaling=rope_scaling,
         tie_word_embeddings=tie_word_embeddings, sliding_window=sliding_window, init_std=std, special=special,
-        dtype=dtype,
+        dtype=dtype, extra=config,
     )
-    model_cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM}[arch]
     with torch.device("meta"):  # only the parameter names and shapes are needed; nothing is allocated
-        model = model_cls(config)
-    weights = _random_weights(model, seed, std, getattr(torch, dtype))
-    _save_checkpoint(weights, config, type(model).__name__, out)
+        model = getattr(transformers, ARCHS[arch][1])(hf_config)
+    # Gemma's norms scale by (1 + w): draw w around 0 so they stay near 1 as the others
+    weights = _random_weights(model, seed, std, getattr(torch, dtype), norm_center=0.0 if arch == "gemma3" else 1.0)
+    _save_checkpoint(weights, hf_config, type(model).__name__, out)
     return out
 
 

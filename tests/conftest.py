@@ -72,3 +72,32 @@ def tiny_llama3_rope(tmp_path_factory, tokenizer_dir) -> Path:
     """Llama with llama3 rope scaling (factor 8, low 1, high 4, original max positions 64), rope_theta 500000."""
     return _build(tmp_path_factory, tokenizer_dir, "tiny_llama3_rope", "llama", rope_theta=500000.0,
                   rope_scaling=dict(LLAMA3_ROPE_SCALING), seed=4)
+
+
+# Config fields of the newer architectures' tiny checkpoints (shared with test_architectures.py).
+GEMMA3_CONFIG = {"layer_types": ["sliding_attention", "full_attention"] * 2, "query_pre_attn_scalar": 24,
+                 "final_logit_softcapping": 3.0}
+PHI3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 128,
+                 "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)]}
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory, tokenizer_dir) -> Path:
+    """Qwen3: per-head q/k RMSNorm, no biases, head_dim 16, seed 11."""
+    return _build(tmp_path_factory, tokenizer_dir, "tiny_qwen3", "qwen3", seed=11)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory, tokenizer_dir) -> Path:
+    """Gemma 3 text, 4 layers: windowed (8 keys, rope base 1e4) and global (rope base 1e6) layers interleaved,
+    (1 + w) norms before and after attention and MLP, q/k norms, GELU-tanh MLP, embeddings times
+    sqrt(64), query_pre_attn_scalar 24 (not head_dim), final logits soft-capped at 3, tied embeddings, seed 13."""
+    return _build(tmp_path_factory, tokenizer_dir, "tiny_gemma3", "gemma3", seed=13, num_layers=4, sliding_window=8,
+                  rope_theta=1_000_000.0, config=dict(GEMMA3_CONFIG))
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory, tokenizer_dir) -> Path:
+    """Phi-3: qkv_proj and gate_up_proj fused in the file; longrope (original context 128, max 512), seed 14."""
+    return _build(tmp_path_factory, tokenizer_dir, "tiny_phi3", "phi3", seed=14, max_position_embeddings=512,
+                  config={"rope_parameters": dict(PHI3_LONGROPE), "original_max_position_embeddings": 128})

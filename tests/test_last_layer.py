@@ -25,7 +25,7 @@ def _checked_run(model_dir, dtype):
         if batch.attn_last is not None:
             seen["restricted"] += 1
             seen["empty"] += int(batch.logits_rows.numel() == 0)
-            assert batch.attn_last.num_tokens == batch.logits_rows.numel()
+            assert batch.attn_last[0].num_tokens == batch.logits_rows.numel()
             # the full last layer again: the step's K/V writes are idempotent, so running it twice is harmless
             full = forward(dataclasses.replace(batch, attn_last=None), kv_caches)  # [B, V]
             assert got.shape == full.shape

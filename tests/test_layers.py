@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import batchllm.model.layers as layers
 from batchllm import LLM, SamplingParams
+from batchllm.model.decoder import DecoderModel
 from batchllm.model.layers import Linear, can_pack, gemm_kernels
-from batchllm.model.llama import LlamaModel
 
 BF16 = torch.bfloat16
 needs_packing = pytest.mark.skipif(not can_pack(torch.empty(1, dtype=BF16)), reason="torch has no oneDNN here")
@@ -160,12 +160,12 @@ def test_a_loaded_bf16_model_packs_every_projection_and_keeps_the_tied_embedding
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(linears) == 4 * model.cfg.num_layers + 1
     assert all(m.packed is not None and m.weight is None for m in linears)
-    assert all(layer.qkv.bias is not None for layer in model.layers)  # the biases are kept, in plain form
+    assert all(layer.attn.qkv.bias is not None for layer in model.layers)  # the biases are kept, in plain form
     checkpoint = load_file(str(tiny_qwen2 / "model.safetensors"))
     assert torch.equal(model.embed, checkpoint["model.embed_tokens.weight"].to(BF16))
     out_packed = packed.generate(prompts, params, use_tqdm=False)
 
-    monkeypatch.setattr(LlamaModel, "pack_weights", lambda self: None)
+    monkeypatch.setattr(DecoderModel, "pack_weights", lambda self: None)
     plain = LLM(str(tiny_qwen2), dtype="bfloat16", block_size=4)
     assert all(m.packed is None for m in plain.runner.model.modules() if isinstance(m, Linear))
     assert plain.runner.model.lm_head.weight is plain.runner.model.embed  # tied: one tensor

@@ -130,7 +130,6 @@ class AttentionMetadata:
     num_tokens: int
     block_size: int
     slot_mapping: torch.Tensor  # int64 [W]: cache slots of this step's tokens to write
-    slots_all: torch.Tensor  # int64 [T]: cache slot of every row (negative: not written)
     write_rows: torch.Tensor | None  # int64 [W]: rows written (None: all rows, in order)
     buckets: list[AttnBucket]
     merge_rows: torch.Tensor  # int64 [N]: packed row of each merged partial result (buckets concatenated)
@@ -198,7 +197,6 @@ class AttentionMetadata:
             num_tokens=num_tokens,
             block_size=block_size,
             slot_mapping=slot_t,
-            slots_all=torch.from_numpy(np.ascontiguousarray(slots)).to(device),
             write_rows=write_rows,
             buckets=buckets,
             merge_rows=torch.from_numpy(merge_rows).to(device),

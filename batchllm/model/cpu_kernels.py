@@ -14,15 +14,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from batchllm.machine import ISAS, isa_cflags, selected_isa
+from batchllm.machine import ISAS, cache_root, isa_cflags, selected_isa
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "bindings.cpp", _CSRC / "ragged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "gemm.cpp"]
 _HEADERS = sorted(_CSRC.glob("*.h"))
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("BATCHLLM_CACHE", Path.home() / ".cache" / "batchllm")) / "torch_extensions"
 
 
 def load_cpu_kernels(isa: str | None = None):
@@ -42,7 +38,7 @@ def _load(isa: str):
 
         from torch.utils.cpp_extension import load
 
-        cache = _cache_dir() / isa
+        cache = cache_root() / "torch_extensions" / isa
         cache.mkdir(parents=True, exist_ok=True)
         # torch rebuilds when the sources or flags change; the headers' hash in a flag covers header edits too
         header_hash = hashlib.sha1(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:12]

@@ -32,9 +32,19 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return x, rms_norm(x, weight, eps)
 
 
-def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] in fp32, with HF's linear or llama3 scaling applied."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def rope_inv_freq(rope: RopeConfig, head_dim: int, max_len: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in fp32, with HF's linear, llama3 or longrope scaling applied.
+
+    longrope: HF picks the long factors for a forward pass whose longest sequence exceeds the original context and
+    recomputes the cache when a sequence crosses it. Keys shared between requests must not depend on who reads them,
+    so here the choice is made once per engine, by its context `max_len` (as vLLM does): the short factors while
+    `max_len` is within the original context (equal to HF for every sequence), the long ones beyond it."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # [D/2]
+    if rope.rope_type == "longrope":
+        long = max_len > rope.original_max_position_embeddings
+        factors = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)  # [D/2]
+        return 1.0 / (factors * rope.theta ** exponents)
+    inv_freq = 1.0 / (rope.theta ** exponents)
     if rope.rope_type == "linear":
         inv_freq = inv_freq / rope.factor
     elif rope.rope_type == "llama3":
@@ -51,15 +61,16 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class RotaryTable:
-    """cos/sin for every position up to `max_len`, computed once in fp32 exactly as HF does, then cast."""
+    """cos/sin for every position up to `max_len`, computed once in fp32 exactly as HF does (times the rope's
+    attention factor), then cast."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        inv_freq = rope_inv_freq(rope, head_dim)  # [D/2]
+        inv_freq = rope_inv_freq(rope, head_dim, max_len)  # [D/2]
         pos = torch.arange(max_len, dtype=torch.float32)  # [P]
         freqs = pos[:, None] * inv_freq[None, :]  # [P, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
-        self.cos = emb.cos().to(dtype=dtype, device=device)  # [P, D]
-        self.sin = emb.sin().to(dtype=dtype, device=device)  # [P, D]
+        self.cos = (emb.cos() * rope.attention_factor).to(dtype=dtype, device=device)  # [P, D]
+        self.sin = (emb.sin() * rope.attention_factor).to(dtype=dtype, device=device)  # [P, D]
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, D] of absolute positions [T] (once per step, shared by every layer)."""
@@ -155,12 +166,15 @@ def can_pack(weight: torch.Tensor) -> bool:
             and hasattr(ops, "_is_mkldnn_bf16_supported") and bool(ops._is_mkldnn_bf16_supported()))
 
 
-def gated_mlp(x: torch.Tensor, gate_up: Linear, down: Linear, kernels=None) -> torch.Tensor:
-    """SiLU(gate) * up, then down; gate and up are one fused projection [2 * I, hidden]."""
+def gated_mlp(x: torch.Tensor, gate_up: Linear, down: Linear, kernels=None, act: str = "silu") -> torch.Tensor:
+    """act(gate) * up, then down; gate and up are one fused projection [2 * I, hidden]. `act`: "silu" or
+    "gelu_tanh" (GELU with the tanh approximation, Gemma's)."""
     if gate_up.gated:
         return down(gate_up.silu_mul(x))  # [T, hidden]
     gu = gate_up(x)  # [T, 2I]
-    if kernels is not None:
+    if kernels is not None and act == "silu":
         return down(kernels.silu_mul(gu))  # [T, hidden]
     gate, up = gu.chunk(2, dim=-1)  # [T, I] each
+    if act == "gelu_tanh":
+        return down(F.gelu(gate, approximate="tanh") * up)  # [T, hidden]
     return down(F.silu(gate) * up)  # [T, hidden]

@@ -1,14 +1,15 @@
-"""Load HF safetensors checkpoints (one file or many shards) into `LlamaModel`, fusing q/k/v and gate/up, then let
-the model pack its projections for the matmul library (`LlamaModel.pack_weights`)."""
+"""Load HF safetensors checkpoints (one file or many shards) into `DecoderModel`, fusing q/k/v and gate/up where the
+checkpoint keeps them apart, then let the model pack its projections for the matmul library
+(`DecoderModel.pack_weights`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from batchllm.model.llama import LlamaModel
+from batchllm.model.decoder import DecoderModel
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -19,15 +20,18 @@ def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {path}: {e} (a truncated or corrupt file?)") from e
     return tensors
 
 
-def load_weights(model: LlamaModel, model_dir: str | Path) -> None:
-    """Copy the checkpoint's tensors into `model` (cast to its dtype) and pack them; raise KeyError listing missing
-    weights."""
+def load_weights(model: DecoderModel, model_dir: str | Path) -> None:
+    """Copy the checkpoint's tensors into `model` (cast to its dtype; norms as offset + weight where the model's norms
+    scale by that) and pack them; raise KeyError listing missing or unexpected weights."""
     cfg = model.cfg
     t = _read_tensors(Path(model_dir))
     used: set[str] = set()
@@ -40,32 +44,44 @@ def load_weights(model: LlamaModel, model_dir: str | Path) -> None:
         used.add(name)
         return t[name]
 
-    def fill(param: torch.nn.Parameter | None, *names: str) -> None:
+    def fill(param: torch.nn.Parameter | None, *names: str, norm: bool = False) -> None:
         parts = [take(n) for n in names]
         if param is None or any(p is None for p in parts):
             return
         value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if value.shape != param.shape:
             raise ValueError(f"shape mismatch for {names}: checkpoint {tuple(value.shape)}, model {tuple(param.shape)}")
+        if norm and cfg.norm_offset:  # HF Gemma: x_normed * (1.0 + w.float()), the sum in fp32
+            value = cfg.norm_offset + value.float()
         param.data.copy_(value.to(param.dtype))
 
     fill(model.embed, "model.embed_tokens.weight")
-    fill(model.norm, "model.norm.weight")
+    fill(model.norm, "model.norm.weight", norm=True)
     if not cfg.tie_word_embeddings:
         fill(model.lm_head.weight, "lm_head.weight")
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
-        a, m = p + "self_attn.", p + "mlp."
-        fill(layer.input_norm, p + "input_layernorm.weight")
-        fill(layer.post_attn_norm, p + "post_attention_layernorm.weight")
-        fill(layer.qkv.weight, a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
-        fill(layer.o_proj.weight, a + "o_proj.weight")
-        fill(layer.gate_up.weight, m + "gate_proj.weight", m + "up_proj.weight")
+        a, m, attn = p + "self_attn.", p + "mlp.", layer.attn
+        fill(layer.input_norm, p + "input_layernorm.weight", norm=True)
+        fill(layer.post_attn_norm, p + "post_attention_layernorm.weight", norm=True)
+        if layer.pre_ff_norm is not None:
+            fill(layer.pre_ff_norm, p + "pre_feedforward_layernorm.weight", norm=True)
+            fill(layer.post_ff_norm, p + "post_feedforward_layernorm.weight", norm=True)
+        if attn.q_norm is not None:
+            fill(attn.q_norm, a + "q_norm.weight", norm=True)
+            fill(attn.k_norm, a + "k_norm.weight", norm=True)
+        if cfg.fused_checkpoint:
+            fill(attn.qkv.weight, a + "qkv_proj.weight")
+            fill(layer.gate_up.weight, m + "gate_up_proj.weight")
+        else:
+            fill(attn.qkv.weight, a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
+            fill(layer.gate_up.weight, m + "gate_proj.weight", m + "up_proj.weight")
+        fill(attn.o_proj.weight, a + "o_proj.weight")
         fill(layer.down.weight, m + "down_proj.weight")
         if cfg.qkv_bias:
-            fill(layer.qkv.bias, a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
+            fill(attn.qkv.bias, a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
         if cfg.o_bias:
-            fill(layer.o_proj.bias, a + "o_proj.bias")
+            fill(attn.o_proj.bias, a + "o_proj.bias")
         if cfg.mlp_bias:
             fill(layer.gate_up.bias, m + "gate_proj.bias", m + "up_proj.bias")
             fill(layer.down.bias, m + "down_proj.bias")
