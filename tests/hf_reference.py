@@ -15,28 +15,30 @@ __all__ = ["check_greedy_close", "hf_greedy", "hf_last_logits", "hf_logprobs", "
 
 
 @functools.lru_cache(maxsize=8)
-def _load(model_dir: str):
+def _load(model_dir: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
     return model.eval()
 
 
-def load_hf_model(model_dir: str | Path):
-    """The HF model of `model_dir` in fp32 eval mode with eager attention (cached per resolved folder)."""
-    return _load(str(Path(model_dir).resolve()))
+def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """The HF model of `model_dir` in eval mode with eager attention, fp32 unless `dtype` says otherwise (cached per
+    resolved folder and dtype)."""
+    return _load(str(Path(model_dir).resolve()), dtype)
 
 
 @torch.inference_mode()
 def hf_greedy(
-    model_dir: str | Path, prompts_token_ids: list[list[int]], max_new_tokens: int, ignore_eos: bool = True
+    model_dir: str | Path, prompts_token_ids: list[list[int]], max_new_tokens: int, ignore_eos: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> list[list[int]]:
-    """Greedy continuations of each prompt, computed one prompt at a time with HF's KV cache.
+    """Greedy continuations of each prompt, computed one prompt at a time with HF's KV cache (fp32 unless `dtype`).
 
     Returns only the new token ids: exactly `max_new_tokens` of them when `ignore_eos`, otherwise stopping right
     after the first eos (eos included, like vLLM's `token_ids`). Ties in argmax go to the lowest id (torch.argmax).
     """
-    model = load_hf_model(model_dir)
+    model = load_hf_model(model_dir, dtype)
     eos = model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     results = []

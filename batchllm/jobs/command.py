@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the `run` options to a (sub)parser."""
     p.add_argument("-i", "--input", required=True, help="OpenAI Batch input file (JSONL)")
     p.add_argument("-o", "--output", required=True, help="output file (JSONL); appended to, resumed if it exists")
-    p.add_argument("--model", required=True, help="local HF model folder (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--model", required=True,
+                   help="an HF model folder, a .gguf file (or a folder holding one), or smollm2-135m-instruct")
     g = p.add_argument_group("engine")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None)
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="exact KV cache budget in bytes")
@@ -133,6 +134,19 @@ def main(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # setup
+
+
+def resolve_job_model(args: argparse.Namespace) -> str:
+    """The local HF folder of `--model` (a GGUF converted, a named model fetched, once; see batchllm.hub), in the
+    dtype the engine will run. Raises JobError with the reason."""
+    from batchllm import machine
+    from batchllm.hub import resolve_model
+
+    try:
+        dtype = machine.resolve_dtype(args.dtype or "auto", machine.resolve_device(args.device or "auto"))
+        return str(resolve_model(args.model, dtype))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise JobError(f"model {args.model}: {str(e).strip().splitlines()[0]}") from None
 
 
 def check_paths(input_path: str, output_path: str, model_dir: str) -> dict:
@@ -435,8 +449,12 @@ def local_pass(args: argparse.Namespace, pending: Pending, validator: Validator,
 
 
 def served_model_name(args: argparse.Namespace) -> str:
-    """The model name written into result lines that name none: the model folder's name."""
-    return Path(args.model).resolve().name
+    """The model name written into result lines that name none: the model folder's name, the GGUF file's stem, or
+    the name given."""
+    path = Path(args.model)
+    if path.exists():
+        return path.resolve().stem if path.is_file() else path.resolve().name
+    return str(args.model)
 
 
 def run_job(args: argparse.Namespace, llm_factory: Callable[[argparse.Namespace], Any] = build_llm) -> int:
@@ -462,8 +480,9 @@ def execute_job(args: argparse.Namespace, llm_factory: Callable[[argparse.Namesp
     if pass2 is None:
         pass2 = partial(local_pass, llm_factory=llm_factory)
 
-    config = check_paths(args.input, args.output, args.model)
-    encoder = load_encoder(args.model, config)
+    model_dir = resolve_job_model(args)
+    config = check_paths(args.input, args.output, model_dir)
+    encoder = load_encoder(model_dir, config)
     context = ob.read_context_length(config) or ENGINE_DEFAULT_CONTEXT
     validator = Validator(encoder, context, args.default_max_tokens, engine_params_factory(), args.seed or 0)
     try:
