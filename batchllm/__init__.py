@@ -1,7 +1,7 @@
 """batchllm: offline, throughput-first LLM batch inference with global prefix sharing."""
 
 from batchllm.outputs import CompletionOutput, RequestOutput
-from batchllm.sampling import SamplingParams
+from batchllm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

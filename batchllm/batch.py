@@ -64,7 +64,7 @@ def order_roots(plan: PrefixPlan, nodes: list[Seq], leaves: list[Seq], policy: s
         decode = sum(leaves[j].max_tokens for j in members)
         prefill = sum(leaves[j].num_tokens - leaves[j].start for j in members)
         if root >= 0:
-            prefill += sum(n.num_tokens - n.start for n in _nodes_under(top))
+            prefill += sum(n.num_tokens - n.start for n in top.walk() if n.is_node)
         arrival = min(leaves[j].request_index for j in members)
         keyed.append((decode / max(1, prefill), arrival, g, top))
     if policy == "batchllm":
@@ -72,13 +72,3 @@ def order_roots(plan: PrefixPlan, nodes: list[Seq], leaves: list[Seq], policy: s
     else:
         keyed.sort(key=lambda x: (x[1], x[2]))
     return [top for *_, top in keyed]
-
-
-def _nodes_under(root: Seq) -> list[Seq]:
-    out, stack = [], [root]
-    while stack:
-        s = stack.pop()
-        if s.is_node:
-            out.append(s)
-            stack.extend(s.children)
-    return out

@@ -23,7 +23,6 @@ from batchllm.batch import build_sequences
 from batchllm.config import EngineConfig, ModelConfig
 from batchllm.detokenize import IncrementalDetokenizer, find_stop
 from batchllm.hub import resolve_model
-from batchllm.kv.block_pool import BlockPool
 from batchllm.kv.cache import KVCache
 from batchllm.model.decoder import DecoderModel
 from batchllm.model.loader import load_weights
@@ -31,7 +30,7 @@ from batchllm.outputs import CompletionOutput, RequestOutput
 from batchllm.prefix.plan import plan_batch
 from batchllm.request import Sequence as Seq
 from batchllm.runner import ModelRunner, SampleRow
-from batchllm.sampling import SamplingParams, derive_seed
+from batchllm.sampling_params import SamplingParams, derive_seed
 from batchllm.scheduler import Scheduler, StepPlan
 from batchllm.tokenizer import encode, encode_batch, encode_chat, load_tokenizer
 
@@ -168,12 +167,12 @@ class LLM:
                                        outputs=[CompletionOutput(0, "", [], "error")], finished=True, error=error)
             else:
                 requests.append(req)
-        self.scheduler = Scheduler(self.config, BlockPool(self.config.kv_cache_blocks), self.max_num_seqs)
+        self.scheduler = Scheduler(self.config, max_num_seqs=self.max_num_seqs)
         self._add_requests(requests)
         peak_blocks = 0
         while self.scheduler.has_work():
             finished = self.step()
-            peak_blocks = max(peak_blocks, self.scheduler.pool.num_used)
+            peak_blocks = max(peak_blocks, self.scheduler.kv.num_used)
             self._stats["peak_kv_blocks"] = peak_blocks
             self.progress["elapsed_s"] = time.perf_counter() - start
             for req in finished:
@@ -293,9 +292,9 @@ class LLM:
         sched = self.scheduler
         st["trace"].append({"t": round(time.perf_counter() - self._t0, 4), "prefill_tokens": prefill,
                             "decode_tokens": plan.num_tokens - prefill, "num_seqs": len(plan.seqs),
-                            "kv_blocks_used": sched.pool.num_used})
+                            "kv_blocks_used": sched.kv.num_used})
         pr.update(step=pr["step"] + 1, computed_prompt_tokens=st["computed_prompt_tokens"],
-                  output_tokens=st["output_tokens"], kv_blocks_used=sched.pool.num_used,
+                  output_tokens=st["output_tokens"], kv_blocks_used=sched.kv.num_used,
                   num_running=len(sched.running), num_waiting=sched.num_waiting)
 
     def _append_token(self, seq: Seq, tok: int, lp: float | None, top) -> _Request | None:
@@ -349,7 +348,7 @@ class LLM:
     def _fail_stuck(self) -> list[_Request]:
         """No sequence could be scheduled even with nothing running: fail the head of the queue."""
         head = self.scheduler.head()
-        leaves = [head] if not head.is_node else self._leaves_under(head)
+        leaves = head.leaves()
         finished = []
         for leaf in leaves:
             req, k = self._leaf_req[leaf.seq_id]
@@ -362,17 +361,6 @@ class LLM:
         if head.is_node:
             self.scheduler.remove_queued(head)
         return finished
-
-    @staticmethod
-    def _leaves_under(node: Seq) -> list[Seq]:
-        out, stack = [], [node]
-        while stack:
-            s = stack.pop()
-            if s.is_node:
-                stack.extend(s.children)
-            else:
-                out.append(s)
-        return out
 
     def _request_output(self, req: _Request) -> RequestOutput:
         outs = [o for o in req.outputs if o is not None]

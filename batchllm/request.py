@@ -32,7 +32,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "token_ids", "start", "parent", "is_node", "num_prompt_tokens", "num_computed_tokens", "blocks",
         "status", "children", "pending_children", "request_index", "sample_index", "max_tokens", "group",
-        "block_hashes", "num_cached_tokens", "num_preemptions", "admitted_step", "reserved", "group_started",
+        "block_hashes", "num_cached_tokens", "num_preemptions", "admitted_step",
     )
 
     def __init__(self, seq_id: int, token_ids: list[int], start: int, parent: Sequence | None, is_node: bool,
@@ -44,7 +44,7 @@ class Sequence:
         self.is_node = is_node
         self.num_prompt_tokens = len(token_ids)
         self.num_computed_tokens = start  # absolute: positions below this are in the KV cache
-        self.blocks: list[int] = []  # own blocks, block i holds positions start + i * block_size ...
+        self.blocks: list[int] = []  # own blocks (block i holds positions start + i * block_size ...); KVManager's
         self.status = Status.WAITING
         self.children: list[Sequence] = []
         self.pending_children = 0
@@ -56,8 +56,6 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens whose KV came from elsewhere (a shared node or the cache)
         self.num_preemptions = 0
         self.admitted_step = -1
-        self.reserved = 0  # memory-centric admission: blocks set aside for this sequence until it is admitted
-        self.group_started = False  # a group root: its group's blocks have been reserved
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +77,19 @@ class Sequence:
             chain.append(s.blocks)
             s = s.parent
         return [b for blocks in reversed(chain) for b in blocks]
+
+    def walk(self, self_too: bool = True):
+        """This sequence (unless `self_too` is False) and every sequence below it, depth first: each child's
+        subtree before its earlier siblings' (the order of a stack)."""
+        stack = [self] if self_too else list(self.children)
+        while stack:
+            s = stack.pop()
+            yield s
+            stack.extend(s.children)
+
+    def leaves(self) -> list[Sequence]:
+        """The leaves at or below this sequence."""
+        return [s for s in self.walk() if not s.is_node]
 
     def ancestors(self) -> list[Sequence]:
         """Shared nodes above this sequence, outermost first."""

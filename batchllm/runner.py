@@ -17,7 +17,8 @@ from batchllm.kv.cache import KVCache
 from batchllm.model.attention import AttentionMetadata, AttnPart
 from batchllm.model.decoder import DecoderModel, ForwardBatch
 from batchllm.request import Sequence
-from batchllm.sampling import SampleResult, SamplingBatch, SamplingParams, sample
+from batchllm.sampler import SampleResult, SamplingBatch, sample
+from batchllm.sampling_params import SamplingParams
 from batchllm.scheduler import StepPlan
 
 

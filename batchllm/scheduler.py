@@ -2,18 +2,19 @@
 
 There is no prefill or decode phase. Each sequence has `num_computed_tokens` and `num_tokens`; each step hands out a
 token budget (`max_num_batched_tokens`), first to running sequences in priority order (decodes take 1 token, a long
-prompt takes a chunk), then to waiting ones, so chunked prefill and decodes share a step.
+prompt takes a chunk), then to waiting ones, so chunked prefill and decodes share a step. Which waiting sequence may
+start is the admission policy's call (`batchllm.admission`); blocks come from the KVManager (`batchllm.kv.manager`),
+which the scheduler never bypasses.
 
-Admission is memory-centric for the "batchllm" policy: a waiting sequence is admitted while the KV it is expected to
-need (its prompt plus an estimate of its output, see `DecodeEstimator`) fits beside what the running sequences are
-expected to grow to; there is no cap on the number of running sequences. The streaming baselines ("fcfs-cache",
-"lpm-cache", "fcfs") admit on the blocks needed now, under a request cap, as vLLM and SGLang do.
+When a running sequence cannot get a block, the admission policy may free blocks others took ahead; then the most
+recently admitted running sequence is preempted (its own blocks are freed and it is recomputed later). Shared nodes
+a running sequence needs are never evicted; a shared node whose subtree is entirely waiting is evicted only when the
+last running sequence (or, with none running, the head of the queue) cannot fit otherwise.
 
-When a running sequence cannot get a block, the blocks other leaves took ahead of their writes are handed back first
-("batchllm"); then the most recently admitted running sequence is preempted (its own blocks are freed and it is
-recomputed later). Shared nodes a running sequence needs are never evicted; a shared node whose
-subtree is entirely waiting is evicted only when the last running sequence (or, with none running, the head of the
-queue) cannot fit otherwise.
+    add(roots)        queue group roots (and standalone leaves)
+    schedule()        plan a step: allocates its blocks (may preempt)          -> StepPlan
+    commit(plan)      its tokens are computed: nodes release their children
+    finish(leaf)      a leaf is done: free its blocks, and its nodes' when it was their last pending child
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from batchllm.admission import Admission, make_admission
 from batchllm.config import EngineConfig
-from batchllm.kv.block_pool import BlockPool
+from batchllm.kv.manager import KVManager
 from batchllm.request import Sequence, Status
 
 
@@ -43,73 +45,22 @@ class StepPlan:
         s = self.seqs[i]
         return not s.is_node and s.num_computed_tokens + self.num_new[i] == s.num_tokens
 
-
-class DecodeEstimator:
-    """Expected final output length of a leaf. "max_tokens" trusts the bound; "history" scales it by the 90th
-    percentile of (output length / max_tokens) over finished leaves: those of the leaf's own group once
-    MIN_GROUP_HISTORY of them have finished (requests sharing a prefix tend to share an answer length), else the
-    last WINDOW finished leaves of any group once MIN_HISTORY have finished."""
-
-    MIN_HISTORY = 16
-    MIN_GROUP_HISTORY = 4
-    WINDOW = 512
-
-    def __init__(self, mode: str):
-        self.mode = mode
-        self.ratios: deque[float] = deque(maxlen=self.WINDOW)
-        self._q90 = 1.0
-        self.group_ratios: dict[int, deque[float]] = {}
-        self._group_q90: dict[int, float] = {}
-
-    @staticmethod
-    def _quantile90(values) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
-
-    def observe(self, seq: Sequence) -> None:
-        if seq.max_tokens > 0:
-            ratio = seq.num_output_tokens / seq.max_tokens
-            self.ratios.append(ratio)
-            if len(self.ratios) >= self.MIN_HISTORY:
-                self._q90 = self._quantile90(self.ratios)
-            group = self.group_ratios.setdefault(seq.group, deque(maxlen=self.WINDOW))
-            group.append(ratio)
-            if len(group) >= self.MIN_GROUP_HISTORY:
-                self._group_q90[seq.group] = self._quantile90(group)
-
-    def forget_group(self, group: int) -> None:
-        """Drops a finished group's history (its leaves will not be estimated again)."""
-        self.group_ratios.pop(group, None)
-        self._group_q90.pop(group, None)
-
-    def final_len(self, seq: Sequence) -> int:
-        """Expected total tokens of `seq` when it finishes (prompt + output)."""
-        if seq.is_node:
-            return seq.num_tokens
-        out = seq.max_tokens
-        if self.mode == "history":
-            q90 = self._group_q90.get(seq.group)
-            if q90 is None and len(self.ratios) >= self.MIN_HISTORY:
-                q90 = self._q90
-            if q90 is not None:
-                out = min(seq.max_tokens, max(seq.num_output_tokens + 1, int(seq.max_tokens * q90 + 0.999)))
-        return seq.num_prompt_tokens + out
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_new.append(n)
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, pool: BlockPool, max_num_seqs: int = 256):
+    def __init__(self, cfg: EngineConfig, kv: KVManager | None = None, admission: Admission | None = None,
+                 max_num_seqs: int = 256):
         self.cfg = cfg
-        self.pool = pool
-        self.bs = cfg.block_size
-        self.caching = cfg.policy in ("fcfs-cache", "lpm-cache")
-        self.memory_centric = cfg.policy == "batchllm"
-        self.max_num_seqs = None if self.memory_centric else max_num_seqs
+        self.kv = kv or KVManager(cfg.kv_cache_blocks, cfg.block_size, caching=cfg.policy in ("fcfs-cache",
+                                                                                              "lpm-cache"))
+        self.admission = admission or make_admission(cfg.policy, self.kv, max_num_seqs, cfg.decode_estimate)
         self.waiting: deque[Sequence] = deque()  # group roots not started yet, in group order
         self.ready: deque[Sequence] = deque()  # queued sequences of started groups: always admitted first
         self.running: list[Sequence] = []
         self.resident: list[Sequence] = []  # computed shared nodes holding KV for their children, oldest first
-        self.pending_need = 0  # blocks reserved for queued sequences of started groups (memory-centric admission)
-        self.estimator = DecodeEstimator(cfg.decode_estimate if self.memory_centric else "max_tokens")
         self.step_index = 0
         self.num_preemptions = 0
 
@@ -122,21 +73,23 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting) + len(self.ready)
 
+    def queued(self) -> list[Sequence]:
+        """The queued sequences in admission order (started groups' first)."""
+        return [*self.ready, *self.waiting]
+
+    @property
+    def reserved_blocks(self) -> int:
+        """Blocks the admission policy sets aside for queued sequences of started groups."""
+        return self.admission.reserved_blocks
+
     def head(self) -> Sequence | None:
         """The sequence admission considers next: started groups' sequences first, then new group roots."""
         if self.ready:
             return self.ready[0]
         if not self.waiting:
             return None
-        if self.cfg.policy == "lpm-cache" and len(self.waiting) <= 128:
-            # SGLang's longest-prefix-match: the waiting request with the most cached prefix blocks goes first.
-            best = max(self.waiting, key=self._cached_prefix_blocks)
-            self.waiting.remove(best)
-            self.waiting.appendleft(best)
+        self.admission.reorder(self.waiting)
         return self.waiting[0]
-
-    def _pop_head(self) -> Sequence:
-        return self.ready.popleft() if self.ready else self.waiting.popleft()
 
     def remove_queued(self, seq: Sequence) -> None:
         """Take a queued sequence out of whichever queue holds it."""
@@ -147,6 +100,15 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.ready or self.running)
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless the KV blocks are exactly those the running sequences and resident nodes
+        hold, and every running sequence holds the blocks of its computed tokens."""
+        live = [*self.running, *self.resident]
+        self.kv.check_integrity(live)
+        for s in live:
+            assert self.kv.missing(s, s.num_computed_tokens) == 0, f"{s} lacks blocks of its computed tokens"
+        assert all(not s.blocks for s in self.queued()), "a queued sequence holds blocks"
 
     # --------------------------------------------------------------- schedule
     def schedule(self) -> StepPlan:
@@ -160,35 +122,21 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(seq, n, plan):
-                continue
-            plan.seqs.append(seq)
-            plan.num_new.append(n)
-            budget -= n
+            if self._allocate_or_preempt(seq, n, plan):
+                plan.add(seq, n)
+                budget -= n
         if not plan.preempted:
             self._admit(plan, budget)
         while not plan.seqs and not self.running and self.head() and self._evict_idle_node(self.head()):
             self._admit(plan, self.cfg.max_num_batched_tokens)
         return plan
 
-    def _blocks_for(self, seq: Sequence, upto: int) -> int:
-        """Own blocks `seq` needs to hold positions below `upto`."""
-        return -(-(upto - seq.start) // self.bs)
-
-    def _allocate(self, seq: Sequence, upto: int) -> bool:
-        extra = self._blocks_for(seq, upto) - len(seq.blocks)
-        if extra <= 0:
-            return True
-        if extra > self.pool.num_free:
-            return False
-        seq.blocks.extend(self.pool.allocate(extra))
-        return True
-
     def _allocate_or_preempt(self, seq: Sequence, n: int, plan: StepPlan) -> bool:
-        while not self._allocate(seq, seq.num_computed_tokens + n):
+        while not self.kv.allocate(seq, seq.num_computed_tokens + n):
             if len(self.running) == 1 and self._evict_idle_node(seq):
                 continue
-            if self.memory_centric and self._release_unwritten(seq, plan):
+            planned = {id(s): k for s, k in zip(plan.seqs, plan.num_new)}
+            if self.admission.release_for(seq, self.running, planned):
                 continue
             victim = self.running[-1]
             self._preempt(victim)
@@ -200,144 +148,44 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free `seq`'s own blocks and queue it at the front for recomputation."""
         self.running.remove(seq)
-        self._release(seq.blocks)
-        seq.blocks = []
+        self.kv.free(seq)
         seq.num_computed_tokens = seq.start
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self._reserve_again(seq)
+        self.admission.requeued(seq)
         self.ready.appendleft(seq)
 
-    def _release(self, blocks: list[int]) -> None:
-        # Caching baselines free tail blocks first so a prompt's head blocks stay cached longest (as vLLM does).
-        self.pool.free(blocks[::-1] if self.caching else blocks)
-
-    def _expected_growth(self) -> int:
-        """Blocks the running sequences are still expected to allocate (memory-centric admission)."""
-        total = 0
-        for s in self.running:
-            total += max(0, self._blocks_for(s, self.estimator.final_len(s)) - len(s.blocks))
-        return total
-
-    def _cached_prefix_blocks(self, seq: Sequence) -> int:
-        n = 0
-        for h in seq.block_hashes:
-            if self.pool.lookup(h) is None:
-                break
-            n += 1
-        return n
-
     def _admit(self, plan: StepPlan, budget: int) -> None:
-        """Admit waiting sequences in queue order while their blocks fit (see the module docstring)."""
-        growth = self._expected_growth() if self.memory_centric else 0
+        """Admit queued sequences in order while the admission policy lets them start (see the module docstring)."""
+        admission, kv = self.admission, self.kv
+        admission.begin(self.running)
         while budget > 0 and (self.ready or self.waiting):
-            if self.max_num_seqs is not None and len(self.running) >= self.max_num_seqs:
+            if admission.max_running is not None and len(self.running) >= admission.max_running:
                 return
             seq = self.head()
-            hit = self._match_cache(seq) if self.caching else []
-            revived = sum(1 for b in hit if self.pool.ref_count[b] == 0)
-            computed = seq.start + len(hit) * self.bs
+            hit = kv.match_prefix(seq) if kv.caching else []
+            computed = seq.start + len(hit) * kv.block_size
             n = min(seq.num_tokens - computed, budget)
-            need_now = self._blocks_for(seq, computed + n) - len(hit)
-            need = need_now + revived
-            starts_group = self.memory_centric and seq.parent is None and not seq.group_started
-            group_need = 0
-            if self.memory_centric:
-                future = max(0, self._blocks_for(seq, self.estimator.final_len(seq)) - len(hit) - need_now)
-                if starts_group:
-                    # A new group must fit beside every group already started, all members included, so that
-                    # started groups finish instead of thrashing; with nothing started it goes ahead regardless.
-                    group_need = self._group_reservation(seq)
-                    if self.running or self.resident or self.pending_need:
-                        need += future + group_need + self.pending_need
-                elif self.running:
-                    need += future
-            if need + growth > self.pool.num_free:
+            need_now = kv.blocks_for(seq, computed + n) - len(hit) + kv.revive_cost(hit)
+            if not admission.fits(seq, need_now, len(hit), bool(self.running), bool(self.resident)):
                 return
-            self._pop_head()
-            if starts_group:
-                seq.group_started = True
-                self.pending_need += group_need
-            elif seq.reserved:
-                self.pending_need -= seq.reserved
-                seq.reserved = 0
-            self.pool.touch(hit)
-            seq.blocks = list(hit)
+            if self.ready:
+                self.ready.popleft()
+            else:
+                self.waiting.popleft()
+            if hit:
+                kv.take_prefix(seq, hit)
             seq.num_computed_tokens = computed
             if seq.admitted_step < 0:
                 seq.num_cached_tokens = computed
-            self._allocate(seq, computed + n)
-            if self.memory_centric and not seq.is_node:
-                self._allocate_ahead(seq, growth)
+            kv.allocate(seq, computed + n)
+            admission.admitted(seq)
             seq.status = Status.RUNNING
             seq.admitted_step = self.step_index
             self.running.append(seq)
-            plan.seqs.append(seq)
-            plan.num_new.append(n)
+            plan.add(seq, n)
             budget -= n
-            if self.memory_centric:
-                growth += max(0, self._blocks_for(seq, self.estimator.final_len(seq)) - len(seq.blocks))
-
-    def _allocate_ahead(self, seq: Sequence, others_growth: int) -> None:
-        """Give a leaf being admitted, now, every block it is expected to fill (prompt and estimated output), when they
-        fit beside what the running sequences and the started groups are expected to need. The blocks then come from
-        the queue in one run, mostly adjacent, instead of one at a time interleaved with every other decoding leaf's;
-        a decode step reads each leaf's keys in long sequential runs (decode attention 5-14% faster on
-        `mixed-output`). Admission already counted these blocks (`_expected_growth`), so it admits the same
-        sequences; a leaf that stops early frees them when it finishes, and a leaf that outgrows its estimate while
-        the pool is empty gets the unwritten ones back before anyone is preempted (`_release_unwritten`)."""
-        extra = self._blocks_for(seq, self.estimator.final_len(seq)) - len(seq.blocks)
-        if extra > 0 and extra + others_growth + self.pending_need <= self.pool.num_free:
-            seq.blocks.extend(self.pool.allocate(extra))
-
-    def _release_unwritten(self, needy: Sequence, plan: StepPlan) -> bool:
-        """Before anyone is preempted: hand back the blocks other running leaves took ahead (`_allocate_ahead`) and
-        have not reached, keeping those of this step's planned tokens. Returns whether any came back."""
-        planned = {id(s): k for s, k in zip(plan.seqs, plan.num_new)}
-        released = False
-        for s in self.running:
-            if s is needy or s.is_node:
-                continue
-            keep = self._blocks_for(s, s.num_computed_tokens + planned.get(id(s), 1))
-            if len(s.blocks) > keep:
-                self.pool.free(s.blocks[keep:])
-                del s.blocks[keep:]
-                released = True
-        return released
-
-    def _group_reservation(self, root: Sequence) -> int:
-        """Reserve, on each sequence below `root`, the blocks it is expected to need; return their sum."""
-        total = 0
-        stack = list(root.children)
-        while stack:
-            s = stack.pop()
-            s.reserved = self._blocks_for(s, self.estimator.final_len(s))
-            total += s.reserved
-            stack.extend(s.children)
-        return total
-
-    def _reserve_again(self, seq: Sequence) -> None:
-        """A sequence of a started group returns to the queue: set its blocks aside again."""
-        if self.memory_centric:
-            seq.reserved = self._blocks_for(seq, self.estimator.final_len(seq))
-            self.pending_need += seq.reserved
-
-    def _unreserve(self, seq: Sequence) -> None:
-        self.pending_need -= seq.reserved
-        seq.reserved = 0
-
-    def _match_cache(self, seq: Sequence) -> list[int]:
-        """Cached blocks covering a prefix of `seq`'s prompt, leaving at least one token to compute."""
-        hit = []
-        for h in seq.block_hashes:
-            b = self.pool.lookup(h)
-            if b is None:
-                break
-            hit.append(b)
-        if hit and len(hit) * self.bs >= seq.num_tokens:
-            hit.pop()
-        return hit
 
     def _evict_idle_node(self, keep: Sequence) -> bool:
         """Free the most recently computed shared node that no running sequence and no ancestor of `keep` needs: its
@@ -345,44 +193,26 @@ class Scheduler:
         happens when a KV budget close to one request's size meets shared nodes of other subtrees."""
         keep_ids = {id(a) for a in keep.ancestors()}
         for node in reversed(self.resident):
-            if id(node) in keep_ids or self._subtree_running(node):
+            if id(node) in keep_ids or any(s.status is Status.RUNNING for s in node.walk(self_too=False)):
                 continue
             self._reset_subtree(node)
             return True
         return False
 
-    @staticmethod
-    def _subtree_running(node: Sequence) -> bool:
-        stack = list(node.children)
-        while stack:
-            s = stack.pop()
-            if s.status is Status.RUNNING:
-                return True
-            stack.extend(s.children)
-        return False
-
     def _reset_subtree(self, top: Sequence) -> None:
         """Return a resident node and everything under it to the not-yet-computed state; queue `top` last."""
-        members, stack = set(), [top]
-        while stack:
-            s = stack.pop()
-            members.add(id(s))
-            stack.extend(s.children)
+        members = {id(s) for s in top.walk()}
         self.waiting = deque(s for s in self.waiting if id(s) not in members)
         self.ready = deque(s for s in self.ready if id(s) not in members)
-        stack = [top]
-        while stack:
-            s = stack.pop()
+        for s in top.walk():
             if s.is_node and s.status is Status.COMPUTED:
                 self.resident.remove(s)
-                self._release(s.blocks)
-                s.blocks = []
+                self.kv.free(s)
                 s.pending_children = sum(1 for c in s.children if c.status is not Status.FINISHED)
                 s.num_computed_tokens = s.start
                 s.status = Status.WAITING
                 s.num_preemptions += 1
-                self._reserve_again(s)
-                stack.extend(s.children)
+                self.admission.requeued(s)
         self.num_preemptions += 1
         self.ready.append(top)
 
@@ -393,10 +223,7 @@ class Scheduler:
         for seq, n in zip(plan.seqs, plan.num_new):
             before = seq.num_computed_tokens
             seq.num_computed_tokens += n
-            if self.caching and seq.block_hashes:
-                full = min(seq.num_computed_tokens // self.bs, len(seq.block_hashes))
-                for i in range(before // self.bs, full):
-                    self.pool.cache(seq.blocks[i], seq.block_hashes[i])
+            self.kv.cache_filled(seq, before, seq.num_computed_tokens)
             if seq.is_node and seq.num_computed_tokens == seq.num_tokens:
                 self.running.remove(seq)
                 self.resident.append(seq)
@@ -409,26 +236,23 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.remove_queued(seq)
-        self._unreserve(seq)
-        self._release(seq.blocks)
-        seq.blocks = []
+        self.kv.free(seq)
         seq.status = Status.FINISHED
-        self.estimator.observe(seq)
+        self.admission.finished(seq)
         if seq.parent is None:  # a group of one
-            self.estimator.forget_group(seq.group)
+            self.admission.group_done(seq.group)
         node = seq.parent
         while node is not None:
             node.pending_children -= 1
             if node.pending_children > 0:
                 break
-            self._release(node.blocks)
-            node.blocks = []
+            self.kv.free(node)
             if node.status is Status.COMPUTED:
                 self.resident.remove(node)
             elif node.status is Status.WAITING:
                 self.remove_queued(node)
-            self._unreserve(node)
             node.status = Status.FINISHED
+            self.admission.finished(node)
             if node.parent is None:  # the group's last request finished
-                self.estimator.forget_group(seq.group)
+                self.admission.group_done(seq.group)
             node = node.parent

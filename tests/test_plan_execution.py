@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from batchllm.batch import build_sequences
 from batchllm.config import EngineConfig
-from batchllm.kv.block_pool import BlockPool
 from batchllm.prefix.plan import plan_batch
 from batchllm.request import Status
 from batchllm.scheduler import Scheduler
@@ -43,7 +42,7 @@ def execute(prompts, max_tokens, policy, mode, blocks, bs, budget):
     n = len(prompts)
     seqs = build_sequences(plan, prompts, max_tokens, list(range(n)), [0] * n, policy)
     cfg = EngineConfig(block_size=bs, max_num_batched_tokens=budget, kv_cache_blocks=blocks, policy=policy)
-    sched = Scheduler(cfg, BlockPool(blocks))
+    sched = Scheduler(cfg)
     sched.add(seqs.roots)
     finished, node_tokens, prompt_tokens, peak_node_blocks = [], 0, 0, 0
     steps = 0
@@ -64,20 +63,13 @@ def execute(prompts, max_tokens, policy, mode, blocks, bs, budget):
             if s.num_output_tokens >= s.max_tokens:
                 sched.finish(s)
                 finished.append(s.request_index)
+        sched.check_integrity()  # every block held by exactly the live sequences, the free queue consistent
         node_blocks = sum(len(x.blocks) for x in seqs.nodes)
         peak_node_blocks = max(peak_node_blocks, node_blocks)
         for node in seqs.nodes:  # a node is alive exactly while some leaf below it is unfinished
-            below = _leaves_under(node)
+            below = node.leaves()
             assert (node.status is Status.FINISHED) == all(x.status is Status.FINISHED for x in below)
     return plan, seqs, sched, sorted(finished), prompt_tokens, node_tokens, peak_node_blocks
-
-
-def _leaves_under(node):
-    out, stack = [], [node]
-    while stack:
-        s = stack.pop()
-        stack.extend(s.children) if s.is_node else out.append(s)
-    return out
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -92,7 +84,7 @@ def test_roomy_kv_runs_the_plan_exactly(forest, mode, bs, budget):
     assert node_tokens == plan.stats.shared_tokens
     assert peak <= sum((n.end - n.start) // bs for n in plan.nodes)  # never more prefix blocks than planned
     assert sched.num_preemptions == 0
-    assert sched.pool.num_free == 4000 and all(r == 0 for r in sched.pool.ref_count)
+    assert sched.kv.num_free == 4000 and all(sched.kv.ref_count(b) == 0 for b in range(4000))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -106,5 +98,5 @@ def test_tight_kv_finishes_everything_and_frees_every_block(forest, policy, spar
     plan, seqs, sched, finished, *_ = execute(prompts, max_tokens, policy, mode, blocks, bs, 6)
     assert finished == list(range(len(prompts)))
     assert [leaf.num_output_tokens for leaf in seqs.leaves] == max_tokens
-    assert sched.pool.num_free == blocks and all(r == 0 for r in sched.pool.ref_count)
+    assert sched.kv.num_free == blocks and all(sched.kv.ref_count(b) == 0 for b in range(blocks))
     assert all(n.status is Status.FINISHED and n.blocks == [] for n in seqs.nodes)

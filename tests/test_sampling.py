@@ -7,15 +7,8 @@ import math
 import pytest
 import torch
 
-from batchllm.sampling import (
-    SamplingBatch,
-    SamplingParams,
-    derive_seed,
-    hash32,
-    noise_key,
-    sample,
-    uniform_noise,
-)
+from batchllm.sampler import SamplingBatch, hash32, noise_key, sample, uniform_noise
+from batchllm.sampling_params import SamplingParams, derive_seed
 
 # ----------------------------------------------------------------------------------------------------------------------
 # SamplingParams
@@ -429,7 +422,7 @@ def test_build_checks_lengths_and_vocab():
 
 
 def test_top_p_threshold_matches_sorted_reference():
-    from batchllm.sampling import _top_p_threshold
+    from batchllm.sampler import _top_p_threshold
 
     gen = torch.Generator().manual_seed(5)
     # peaked rows take the top-64 cut, flat rows the bisection; both must give the sorted-cumsum cut

@@ -3,8 +3,9 @@
 Pure Python: sequences are built by hand and a fake model appends token 7 to every sampling leaf.
 """
 
+from batchllm.admission import DecodeEstimator
 from batchllm.config import EngineConfig
-from batchllm.kv.block_pool import BlockPool, block_hashes
+from batchllm.kv.block_pool import block_hashes
 from batchllm.request import Sequence, Status
 from batchllm.scheduler import Scheduler
 
@@ -12,7 +13,7 @@ from batchllm.scheduler import Scheduler
 def make_sched(policy="fcfs", blocks=10, bs=4, budget=8, estimate="max_tokens", max_num_seqs=256):
     cfg = EngineConfig(block_size=bs, max_num_batched_tokens=budget, kv_cache_blocks=blocks, policy=policy,
                        decode_estimate=estimate)
-    return Scheduler(cfg, BlockPool(blocks), max_num_seqs=max_num_seqs)
+    return Scheduler(cfg, max_num_seqs=max_num_seqs)
 
 
 def leaf(i, n_prompt, max_tokens=4, parent=None):
@@ -34,9 +35,9 @@ def node(i, n_tokens, parent=None):
     return s
 
 
-def step(sched):
-    """Schedule, commit, sample token 7 for sampling leaves, finish leaves at max_tokens. Returns the plan as
-    [(seq_id, num_new)] and the finished seq ids."""
+def step(sched, check=True):
+    """Schedule, commit, sample token 7 for sampling leaves, finish leaves at max_tokens; then (with `check`) check
+    the KV bookkeeping's integrity. Returns the plan as [(seq_id, num_new)] and the finished seq ids."""
     plan = sched.schedule()
     samplers = [s for i, s in enumerate(plan.seqs) if plan.samples(i)]
     sched.commit(plan)
@@ -46,7 +47,13 @@ def step(sched):
         if s.num_output_tokens >= s.max_tokens:
             sched.finish(s)
             done.append(s.seq_id)
+    if check:
+        sched.check_integrity()
     return [(s.seq_id, n) for s, n in zip(plan.seqs, plan.num_new)], done
+
+
+def refs(sched, n):
+    return [sched.kv.ref_count(b) for b in range(n)]
 
 
 def test_token_budget_chunks_prefill_and_mixes_it_with_decodes():
@@ -64,7 +71,7 @@ def test_token_budget_chunks_prefill_and_mixes_it_with_decodes():
     assert a.blocks == [0, 1, 2]
     assert step(sched) == ([(0, 1), (1, 1)], [])
     assert a.blocks == [0, 1, 2, 6]  # position 12 opens a fourth block
-    assert sched.pool.ref_count[:8] == [1] * 7 + [0]
+    assert refs(sched, 8) == [1] * 7 + [0]
 
 
 def test_finished_blocks_return_to_the_queue_head_in_order():
@@ -73,10 +80,10 @@ def test_finished_blocks_return_to_the_queue_head_in_order():
     sched.add([a, b])
     assert step(sched) == ([(0, 4), (1, 8)], [0])
     assert a.status is Status.FINISHED and a.blocks == []
-    assert list(sched.pool.free_queue) == [0, 3, 4, 5]  # reused before the never-used blocks
+    assert sched.kv.free_blocks() == [0, 3, 4, 5]  # reused before the never-used blocks
     assert step(sched) == ([(1, 1)], [1])  # position 8 opens a third block for b: block 0 again
     assert b.blocks == []
-    assert list(sched.pool.free_queue) == [1, 2, 0, 3, 4, 5]
+    assert sched.kv.free_blocks() == [1, 2, 0, 3, 4, 5]
     assert not sched.has_work()
 
 
@@ -92,8 +99,8 @@ def test_preemption_frees_the_newest_and_recomputes_it_later():
     assert b.status is Status.WAITING and b.blocks == [] and b.num_computed_tokens == 0
     assert b.num_tokens == 9  # its sampled token is kept and recomputed
     assert sched.num_preemptions == 1
-    assert list(sched.ready) == [b] and not sched.waiting
-    assert list(sched.pool.free_queue) == [2, 3]
+    assert sched.queued() == [b]
+    assert sched.kv.free_blocks() == [2, 3]
     for _ in range(4):
         step(sched)
     assert a.status is Status.FINISHED
@@ -103,7 +110,7 @@ def test_preemption_frees_the_newest_and_recomputes_it_later():
     while sched.has_work():
         step(sched)
     assert b.output_ids == [7] * 6
-    assert sched.pool.num_free == 5
+    assert sched.kv.num_free == 5
 
 
 def test_group_node_runs_once_then_children_and_is_freed_with_the_last_child():
@@ -114,15 +121,15 @@ def test_group_node_runs_once_then_children_and_is_freed_with_the_last_child():
     sched.add([n])
     assert step(sched) == ([(0, 8)], [])
     assert n.status is Status.COMPUTED and n.blocks == [0, 1]
-    assert list(sched.ready) == [l1, l2]
+    assert sched.queued() == [l1, l2]
     assert step(sched) == ([(1, 2), (2, 3)], [1])
     # admitted, l2 takes both blocks it will fill (positions 8-12: its prompt and 2 output tokens) in one run
     assert (l1.block_table(), l2.block_table()) == ([0, 1], [0, 1, 3, 4])
     assert n.blocks == [0, 1] and n.pending_children == 1  # l1 done, l2 still needs the prefix
-    assert list(sched.pool.free_queue) == [2, 5, 6, 7]  # l1's own block comes back first
+    assert sched.kv.free_blocks() == [2, 5, 6, 7]  # l1's own block comes back first
     assert step(sched) == ([(2, 1)], [2])
     assert n.status is Status.FINISHED
-    assert list(sched.pool.free_queue) == [0, 1, 3, 4, 2, 5, 6, 7]  # freed last (the prefix's), first out
+    assert sched.kv.free_blocks() == [0, 1, 3, 4, 2, 5, 6, 7]  # freed last (the prefix's), first out
 
 
 def test_nested_nodes_release_children_level_by_level():
@@ -133,14 +140,14 @@ def test_nested_nodes_release_children_level_by_level():
     b = leaf(3, 6, max_tokens=1, parent=root)
     sched.add([root])
     assert step(sched) == ([(0, 4)], [])
-    assert list(sched.ready) == [inner, b]
+    assert sched.queued() == [inner, b]
     assert step(sched) == ([(1, 4), (3, 2)], [3])
     assert inner.block_table() == [0, 1]
     assert step(sched) == ([(2, 1)], [])
     assert a.block_table() == [0, 1, 2]  # b's block 2, freed a step ago, is reused
     assert step(sched) == ([(2, 1)], [2])
     assert root.status is Status.FINISHED and inner.status is Status.FINISHED
-    assert sched.pool.num_free == 12
+    assert sched.kv.num_free == 12
 
 
 def test_memory_centric_admission_reserves_expected_output():
@@ -166,14 +173,14 @@ def test_memory_centric_leaves_take_their_expected_blocks_in_one_run():
         a, b = leaf(1, 4, max_tokens=8), leaf(2, 4, max_tokens=8)  # 4 + 8 tokens: 3 blocks each
         sched.add([a, b])
         assert step(sched) == ([(1, 4), (2, 4)], [])
-        free_after_admission = sched.pool.num_free
+        free_after_admission = sched.kv.num_free
         for _ in range(6):
             step(sched)
         runs[policy] = (a.blocks, b.blocks)
         if policy == "batchllm":
-            assert free_after_admission == 6 and sched.pool.num_free == 6
+            assert free_after_admission == 6 and sched.kv.num_free == 6
         assert step(sched) == ([(1, 1), (2, 1)], [1, 2])
-        assert sched.pool.num_free == 12
+        assert sched.kv.num_free == 12
     assert runs == {"fcfs": ([0, 2, 4], [1, 3, 5]), "batchllm": ([0, 1, 2], [3, 4, 5])}
 
 
@@ -199,15 +206,16 @@ def test_unwritten_ahead_blocks_come_back_before_anyone_is_preempted():
     sched.add([a, b])
     step(sched)
     assert (a.blocks, b.blocks) == ([0, 1], [2, 3, 4, 5])
-    sched.pool.allocate(2)  # the pool's last two blocks go elsewhere
+    outsider = leaf(9, 8)
+    assert sched.kv.allocate(outsider, 8)  # the pool's last two blocks go elsewhere
     a.max_tokens = 8  # a will write positions 8-11: a third block
     for _ in range(4):
-        step(sched)
-    assert a.num_computed_tokens == 8 and sched.pool.num_free == 0
-    step(sched)  # a writes position 8: b (at position 8 too) keeps blocks up to it and returns block 5
+        step(sched, check=False)
+    assert a.num_computed_tokens == 8 and sched.kv.num_free == 0
+    step(sched, check=False)  # a writes position 8: b (at position 8 too) keeps blocks up to it and returns block 5
     assert (a.blocks, b.blocks) == ([0, 1, 5], [2, 3, 4])
     while b.status is not Status.FINISHED:
-        step(sched)
+        step(sched, check=False)
     assert sched.num_preemptions == 0 and b.output_ids == [7] * 12
 
 
@@ -228,7 +236,7 @@ def test_prefix_cache_hits_skip_computed_blocks_and_keep_one_token():
     a.block_hashes = block_hashes(a.token_ids, 4)
     sched.add([a])
     assert step(sched) == ([(0, 8)], [0])
-    assert list(sched.pool.free_queue) == [2, 3, 4, 5, 6, 7, 8, 9, 1, 0]  # tail block freed first
+    assert sched.kv.free_blocks() == [2, 3, 4, 5, 6, 7, 8, 9, 1, 0]  # tail block freed first
     b = leaf(1, 10, max_tokens=2)
     b.token_ids[:8] = a.token_ids[:8]
     b.block_hashes = block_hashes(b.token_ids, 4)
@@ -239,7 +247,7 @@ def test_prefix_cache_hits_skip_computed_blocks_and_keep_one_token():
     assert plan == [(1, 2), (2, 4)]
     assert b.blocks == [0, 1, 2] and b.num_cached_tokens == 8
     assert c.blocks == [0, 3] and c.num_cached_tokens == 4
-    assert sched.pool.ref_count[0] == 2 and sched.pool.ref_count[1] == 1
+    assert refs(sched, 2) == [2, 1]
 
 
 def test_lpm_prefers_the_longest_cached_prefix():
@@ -268,16 +276,16 @@ def test_a_new_group_waits_until_started_groups_fit_with_all_their_members():
     sched.add([groups[0][0], groups[1][0]])
     plan, _ = step(sched)
     assert plan == [(0, 8)]  # group 1 (2 + 3 x 2 blocks) does not fit beside group 0's 8 reserved blocks
-    assert sched.pending_need == 6
+    assert sched.reserved_blocks == 6
     plan, _ = step(sched)
     assert plan == [(1, 4), (2, 4), (3, 4)]
-    assert sched.pending_need == 0
+    assert sched.reserved_blocks == 0
     while groups[1][0].status is Status.WAITING:
         step(sched)
     assert all(m.status is Status.FINISHED for m in groups[0][1])  # group 1 started only once group 0 was done
     while sched.has_work():
         step(sched)
-    assert sched.num_preemptions == 0 and sched.pool.num_free == 14
+    assert sched.num_preemptions == 0 and sched.kv.num_free == 14
 
 
 def _finished(i, group, out_tokens, max_tokens=100):
@@ -288,8 +296,6 @@ def _finished(i, group, out_tokens, max_tokens=100):
 
 
 def test_decode_estimate_learns_per_group_then_falls_back_to_global():
-    from batchllm.scheduler import DecodeEstimator
-
     est = DecodeEstimator("history")
     probe_a = Sequence(900, list(range(10)), 0, None, is_node=False, max_tokens=100, group=1)
     probe_b = Sequence(901, list(range(10)), 0, None, is_node=False, max_tokens=100, group=2)
@@ -322,7 +328,8 @@ def test_group_history_is_dropped_when_the_group_ends():
         finished += step(sched)[1]
         kids_done = sum(1 for k in kids if k.seq_id in finished)
         if 0 < kids_done < 5:
-            kept.append((kids_done, len(sched.estimator.group_ratios.get(0, ()))))
+            kept.append((kids_done, len(sched.admission.estimator.group_ratios.get(0, ()))))
     assert kept == [(1, 1), (2, 2), (3, 3), (4, 4)]  # the group's history grows while the group runs
-    assert sched.estimator.group_ratios == {} and sched.estimator._group_q90 == {}
-    assert len(sched.estimator.ratios) == 6
+    estimator = sched.admission.estimator
+    assert estimator.group_ratios == {} and estimator.group_q90 == {}
+    assert len(estimator.ratios) == 6

@@ -26,7 +26,7 @@ import numpy as np
 
 from batchllm.distributed.ray_runner import default_num_workers, engine_default, import_ray, plan_shards, shard_figures
 from batchllm.distributed.shard import calls_of_workers
-from batchllm.sampling import SamplingParams, derive_seed
+from batchllm.sampling_params import SamplingParams, derive_seed
 from batchllm.tokenizer import encode_batch, encode_chat, load_tokenizer
 
 OUTPUT_COLUMNS = ("generated_text", "generated_token_ids", "finish_reason", "num_cached_tokens", "error")

@@ -32,7 +32,7 @@ from typing import Any
 from batchllm.jobs import openai_batch as ob
 from batchllm.jobs.report import JobTotals, format_summary, summary, write_report, write_stats_json
 from batchllm.jobs.writer import CorruptOutput, ResultWriter, ResumeIndex, recover
-from batchllm.sampling import derive_seed
+from batchllm.sampling_params import derive_seed
 
 POLICIES = ("batchllm", "fcfs-cache", "lpm-cache", "fcfs")
 SCAN_CHUNK = 512  # lines validated (and tokenized) together
