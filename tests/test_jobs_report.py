@@ -2,7 +2,8 @@
 
 import json
 
-from batchllm.jobs.report import JobTotals, TraceBins, group_size_histogram, render_html, summary, write_report
+from batchllm.jobs.report import JobTotals, group_size_histogram, render_html, summary, write_report
+from batchllm.stats import StepTrace
 
 
 def step(t, p=0, d=0, kv=0):
@@ -10,8 +11,8 @@ def step(t, p=0, d=0, kv=0):
 
 
 def test_trace_bins_stay_bounded_and_keep_sums():
-    tb = TraceBins(max_bins=4)
-    tb.add_steps([step(i + 1, p=i, d=1, kv=(7 * i) % 10) for i in range(10)], t_offset=0.0)
+    tb = StepTrace(max_bins=4)
+    tb.extend([step(i + 1, p=i, d=1, kv=(7 * i) % 10) for i in range(10)], t_offset=0.0)
     assert tb.steps_per_bin == 4 and len(tb.bins) <= 4
     assert sum(b["steps"] for b in tb.bins) == 10
     assert sum(b["prefill_tokens"] for b in tb.bins) == sum(range(10))

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from batchllm.distributed.ray_runner import default_num_workers, engine_default, import_ray, plan_shards, shard_figures
+from batchllm.distributed.ray_runner import default_num_workers, import_ray, plan_shards, shard_figures
 from batchllm.distributed.shard import calls_of_workers
+from batchllm.engine_args import EngineArgs
+from batchllm.hub import resolve_model
+from batchllm.inputs import E_PARAM, InvalidPrompt, PromptEncoder, PromptInput
 from batchllm.sampling_params import SamplingParams, derive_seed
-from batchllm.tokenizer import encode_batch, encode_chat, load_tokenizer
 
 OUTPUT_COLUMNS = ("generated_text", "generated_token_ids", "finish_reason", "num_cached_tokens", "error")
 _IDS, _PARAMS, _ERROR = "__batchllm_prompt_token_ids", "__batchllm_sampling", "__batchllm_error"
@@ -71,7 +71,7 @@ class PrefixAffinityProcessor:
         ids, kwargs, errors = self._prepare(table)
         runnable = [i for i, e in enumerate(errors) if e is None]
         n = self.num_workers or default_num_workers(ray, self.cpus_per_worker, self.gpus_per_worker)
-        block_size = self.engine_options.get("block_size", engine_default("block_size"))
+        block_size = self.engine_options.get("block_size", EngineArgs.default("block_size"))
         calls: list[list[int]] = []  # row positions of each engine call
         if runnable:
             params = [SamplingParams(**kwargs[i]) for i in runnable]
@@ -95,24 +95,29 @@ class PrefixAffinityProcessor:
         """Per row: prompt token ids, SamplingParams keyword arguments (seed filled in) and an error message (None
         when the row can run)."""
         n = table.num_rows
-        tokenizer = load_tokenizer(self.model)
+        encoder = PromptEncoder.load(resolve_model(self.model))
         ids: list[list[int]] = [[] for _ in range(n)]
         errors: list[str | None] = [None] * n
+        inputs: dict[int, PromptInput] = {}
         if self.messages_column is not None:
             for i, conv in enumerate(table.column(self.messages_column).to_pylist()):
-                try:
-                    ids[i] = encode_chat(tokenizer, conv)[1]
-                except Exception as e:  # a bad conversation fails alone, as in LLM.chat
-                    errors[i] = f"invalid conversation: {e}"
+                if isinstance(conv, list) and all(isinstance(m, dict) for m in conv):
+                    inputs[i] = PromptInput(messages=tuple(conv))
+                else:
+                    errors[i] = "invalid conversation: a list of {'role': ..., 'content': ...} messages is needed"
         else:
-            texts = table.column(self.prompt_column).to_pylist()
-            ok = [i for i, t in enumerate(texts) if isinstance(t, str)]
-            for i, row in zip(ok, encode_batch(tokenizer, [texts[i] for i in ok])):
+            for i, text in enumerate(table.column(self.prompt_column).to_pylist()):
+                if isinstance(text, str):
+                    inputs[i] = PromptInput(text=text)
+                else:
+                    errors[i] = f"{self.prompt_column} is not a string"
+        for i, row in zip(inputs, encoder.encode_many(list(inputs.values()))):
+            if isinstance(row, InvalidPrompt):
+                errors[i] = row.message  # a bad row fails alone, as in LLM.generate
+            else:
                 ids[i] = row
-            for i in set(range(n)) - set(ok):
-                errors[i] = f"{self.prompt_column} is not a string"
         per_row = table.column(self.sampling_column).to_pylist() if self.sampling_column else [None] * n
-        seed = self.engine_options.get("seed", engine_default("seed"))
+        seed = self.engine_options.get("seed", EngineArgs.default("seed"))
         kwargs = []
         for i, extra in enumerate(per_row):
             kw = {**self.sampling_params, **{k: v for k, v in (extra or {}).items() if v is not None}}
@@ -123,8 +128,6 @@ class PrefixAffinityProcessor:
                     raise ValueError("the processor returns one completion per row; n must be 1")
             except (ValueError, TypeError) as e:
                 errors[i], kw = errors[i] or f"invalid sampling parameters: {e}", {"seed": kw["seed"]}
-            if errors[i] is None and not ids[i]:
-                errors[i] = "the prompt is empty"
             kwargs.append(kw)
         return ids, kwargs, errors
 
@@ -160,7 +163,7 @@ class EngineUDF:
         import pyarrow as pa
 
         errors = batch.column(_ERROR).to_pylist()
-        prompts = [{"error": e} if e is not None else {"prompt_token_ids": np.asarray(t, dtype=np.int64)}
+        prompts = [InvalidPrompt(E_PARAM, e) if e is not None else {"prompt_token_ids": t}
                    for t, e in zip(batch.column(_IDS).to_pylist(), errors)]
         params = [SamplingParams(**json.loads(p)) for p in batch.column(_PARAMS).to_pylist()]
         outs: list[Any] = [None] * len(prompts)

@@ -25,7 +25,6 @@ in bf16 they may differ in the last bits where the grouping differs.
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 from collections import Counter, defaultdict, deque
@@ -38,22 +37,11 @@ from typing import Any
 import numpy as np
 
 from batchllm.distributed.shard import ShardPlan, calls_of_workers, lpt, pack_pieces, shard_plan
+from batchllm.engine_args import EngineArgs
 from batchllm.jobs import openai_batch as ob
-from batchllm.jobs.command import (
-    SCAN_CHUNK,
-    JobError,
-    Pending,
-    Progress,
-    Validator,
-    engine_options,
-    execute_job,
-    job_namespace,
-    prepare_runnable,
-    read_lines_at,
-    served_model_name,
-    write_result,
-)
+from batchllm.jobs.generate import Progress, served_model_name, write_result
 from batchllm.jobs.report import JobTotals
+from batchllm.jobs.scan import SCAN_CHUNK, JobError, Pending, Validator, prepare_runnable, read_lines_at
 from batchllm.jobs.writer import ResultWriter
 from batchllm.prefix.plan import PrefixPlan, plan_batch
 
@@ -109,7 +97,7 @@ class EngineWorker:
             left[piece] -= 1
             if not left[piece]:
                 yield piece, done.pop(piece)
-        yield None, {k: v for k, v in self.llm.stats().items() if k != "trace"}
+        yield None, {k: v for k, v in self.llm.stats().to_dict().items() if k != "trace"}
 
 
 def start_workers(ray: Any, n: int, model: str, options: dict[str, Any], num_cpus: float, num_gpus: float) -> list:
@@ -314,12 +302,12 @@ def ray_pass(args: argparse.Namespace, pending: Pending, validator: Validator, w
     actors: list = []
     try:
         n = args.ray_workers or default_num_workers(ray, args.ray_cpus_per_worker, args.ray_gpus_per_worker)
-        options = engine_options(args)
-        block_size = options.get("block_size", engine_default("block_size"))
+        options = EngineArgs.cli_options(args)
+        block_size = options.get("block_size", EngineArgs.default("block_size"))
         plan, shard = plan_shards(work.token_ids, work.params, block_size, n)
         calls = list(calls_of_workers(shard, args.window).values())  # a worker without pieces gets no actor
-        actors = start_workers(ray, len(calls), str(Path(args.model).resolve()), options, args.ray_cpus_per_worker,
-                               args.ray_gpus_per_worker)
+        model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # a name: resolved there
+        actors = start_workers(ray, len(calls), model, options, args.ray_cpus_per_worker, args.ray_gpus_per_worker)
         sizes = [len(p) for p in shard.pieces]
 
         name, tok_text = served_model_name(args), validator.encoder.token_text
@@ -359,13 +347,6 @@ def ray_pass(args: argparse.Namespace, pending: Pending, validator: Validator, w
         "computed_prompt_tokens_per_worker": per_worker}}
 
 
-def engine_default(name: str) -> Any:
-    """The default of an `LLM(...)` argument (the driver plans with the engines' block size)."""
-    from batchllm import LLM
-
-    return inspect.signature(LLM.__init__).parameters[name].default
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Python entry point
 
@@ -381,6 +362,8 @@ def run_batch_file(input_path: str | Path, output_path: str | Path, model: str |
     kv_cache_memory_bytes (per worker), window, seed, stats_json, no_progress (default True), ...
     `on_piece(dispatcher, worker, piece)` is called after each delivered piece. Raises JobError when the job
     cannot run, ImportError without Ray."""
+    from batchllm.jobs.job import execute_job, job_namespace
+
     import_ray()
     args = job_namespace(input_path, output_path, model, ray=ray_address or "", ray_workers=num_workers,
                          ray_cpus_per_worker=cpus_per_worker, ray_gpus_per_worker=gpus_per_worker,

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchllm.tokenizer import render_chat
+from batchllm.inputs import E_CONTEXT, E_PARAM, InvalidPrompt, PromptInput, check_fits
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -38,25 +38,18 @@ COMMON_FIELDS = frozenset({
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 
-# Error codes of error lines.
+# Error codes of error lines (E_PARAM and E_CONTEXT come from batchllm.inputs, which checks prompts for every
+# front end).
 E_JSON = "invalid_json"
 E_MISSING = "missing_field"
 E_URL = "invalid_url"
 E_METHOD = "invalid_method"
 E_REQUEST = "invalid_request"
-E_PARAM = "invalid_parameter"
 E_DUPLICATE = "duplicate_custom_id"
-E_CONTEXT = "context_length_exceeded"
 E_ENGINE = "request_failed"
 
-
-class InvalidLine(Exception):
-    """A line that cannot run; carries the error code and a message without the line prefix."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+# A line that cannot run: an error code and a message without the line prefix.
+InvalidLine = InvalidPrompt
 
 
 @dataclass(frozen=True)
@@ -86,6 +79,14 @@ class BatchRequest:
     @property
     def is_chat(self) -> bool:
         return self.url == CHAT_URL
+
+    @property
+    def prompt_input(self) -> PromptInput:
+        if self.messages is not None:
+            return PromptInput(messages=self.messages)
+        if self.prompt_token_ids is not None:
+            return PromptInput(token_ids=self.prompt_token_ids)
+        return PromptInput(text=self.prompt)
 
 
 def line_error(line_no: int, custom_id: str | None, code: str, message: str) -> LineError:
@@ -325,69 +326,10 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
                                      "tokens, which leaves no room for a completion")
     if requested is None:
         return min(default_cap, room)
-    if requested > room:
-        raise InvalidLine(E_CONTEXT, f"the model's context is {max_model_len} tokens; the request needs "
-                                     f"{prompt_len + requested} ({prompt_len} in the prompt, {requested} max_tokens)")
+    error = check_fits(prompt_len, requested, max_model_len)
+    if error is not None:
+        raise error
     return requested
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# prompts -> token ids
-
-
-class PromptEncoder:
-    """Turns requests into prompt token ids with a HF tokenizer (chat template for chat). Changes nothing."""
-
-    def __init__(self, tokenizer: Any, vocab_size: int | None = None):
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-        # the Rust tokenizer of a fast HF tokenizer: same ids as tokenizer(texts), ~2.5x less overhead per line
-        self._backend = getattr(tokenizer, "backend_tokenizer", None)
-
-    def encode_many(self, requests: Sequence[BatchRequest]) -> list[list[int] | InvalidLine]:
-        """Token ids per request (batched through the fast tokenizer), or the InvalidLine explaining why not."""
-        out: list[list[int] | InvalidLine | None] = [None] * len(requests)
-        texts: dict[bool, list[tuple[int, str]]] = {True: [], False: []}  # add_special_tokens -> (index, text)
-        for i, r in enumerate(requests):
-            if r.prompt_token_ids is not None:
-                bad = [t for t in r.prompt_token_ids if self.vocab_size is not None and t >= self.vocab_size]
-                out[i] = (InvalidLine(E_PARAM, f"body.prompt: token id {bad[0]} is outside the vocabulary "
-                                               f"(size {self.vocab_size})") if bad else list(r.prompt_token_ids))
-            elif r.is_chat:
-                try:
-                    texts[False].append((i, self.render_chat(r.messages)))
-                except InvalidLine as e:
-                    out[i] = e
-            else:
-                texts[True].append((i, r.prompt))
-        for add_special, items in texts.items():
-            if items:
-                ids = self._encode_batch([t for _, t in items], add_special)
-                for (i, _), row in zip(items, ids):
-                    out[i] = list(row)
-        for i, o in enumerate(out):
-            if isinstance(o, list) and not o:
-                out[i] = InvalidLine(E_PARAM, "the prompt is empty (0 tokens)")
-        return out  # type: ignore[return-value]
-
-    def _encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-        if self._backend is not None:
-            return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
-        return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        """The chat template applied to the messages, with the generation prompt. Raises InvalidLine."""
-        if not self.has_chat_template:
-            raise InvalidLine(E_URL, f"the model's tokenizer has no chat template; use {COMPLETIONS_URL}")
-        try:
-            return render_chat(self.tokenizer, list(messages))
-        except Exception as e:  # template errors (jinja raise_exception) are per-line problems
-            raise InvalidLine(E_PARAM, f"body.messages: the chat template rejected them ({e})") from None
-
-    def token_text(self, token_id: int) -> str:
-        """The text of one token, as OpenAI logprobs show it."""
-        return self.tokenizer.decode([token_id])
 
 
 def read_context_length(config: dict) -> int | None:

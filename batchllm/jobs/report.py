@@ -9,53 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TRACE_KEYS = ("prefill_tokens", "decode_tokens", "num_seqs", "kv_blocks_used")
-
-
-@dataclass
-class TraceBins:
-    """A bounded record of engine steps: at most `max_bins` bins, each summing the tokens of consecutive steps;
-    when full, neighbouring bins merge (pairs), so memory stays bounded for any number of steps."""
-
-    max_bins: int = 2048
-    steps_per_bin: int = 1
-    bins: list[dict[str, float]] = field(default_factory=list)
-
-    def add_steps(self, trace: Sequence[dict], t_offset: float) -> None:
-        """Appends engine step records (t relative to its own call) shifted by t_offset seconds."""
-        for rec in trace:
-            self._add(rec, t_offset)
-
-    def _add(self, rec: dict, t_offset: float) -> None:
-        t = float(rec.get("t", 0.0)) + t_offset
-        last = self.bins[-1] if self.bins else None
-        if last is None or last["steps"] >= self.steps_per_bin:
-            last = {"t0": t, "t": t, "steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "num_seqs": 0,
-                    "kv_blocks_used": 0}
-            self.bins.append(last)
-        last["t"] = t
-        last["steps"] += 1
-        last["prefill_tokens"] += int(rec.get("prefill_tokens", 0))
-        last["decode_tokens"] += int(rec.get("decode_tokens", 0))
-        last["num_seqs"] += int(rec.get("num_seqs", 0))
-        last["kv_blocks_used"] = max(last["kv_blocks_used"], int(rec.get("kv_blocks_used", 0)))
-        if len(self.bins) > self.max_bins:
-            self._halve()
-
-    def _halve(self) -> None:
-        merged = []
-        for i in range(0, len(self.bins), 2):
-            a = self.bins[i]
-            if i + 1 < len(self.bins):
-                b = self.bins[i + 1]
-                a = {"t0": a["t0"], "t": b["t"], "steps": a["steps"] + b["steps"],
-                     "prefill_tokens": a["prefill_tokens"] + b["prefill_tokens"],
-                     "decode_tokens": a["decode_tokens"] + b["decode_tokens"],
-                     "num_seqs": a["num_seqs"] + b["num_seqs"],
-                     "kv_blocks_used": max(a["kv_blocks_used"], b["kv_blocks_used"])}
-            merged.append(a)
-        self.bins = merged
-        self.steps_per_bin *= 2
+from batchllm.stats import StepTrace
 
 
 @dataclass
@@ -77,10 +31,11 @@ class JobTotals:
     kv_blocks_total: int = 0
     engine_calls: int = 0
     plans: list[dict] = field(default_factory=list)  # planner stats of each engine call (small dicts)
-    trace: TraceBins = field(default_factory=TraceBins)
+    trace: StepTrace = field(default_factory=StepTrace)
 
-    def add_engine_stats(self, stats: dict, t_offset: float) -> None:
-        """Adds llm.stats() of one finished engine call; its trace is shifted to start at t_offset."""
+    def add_engine_stats(self, stats, t_offset: float) -> None:
+        """Adds llm.stats() (a RunStats, or its dict) of one finished engine call; its trace is shifted to start at
+        t_offset."""
         self.engine_calls += 1
         self.engine_prompt_tokens += int(stats.get("prompt_tokens", 0) or 0)
         self.computed_prompt_tokens += int(stats.get("computed_prompt_tokens", 0) or 0)
@@ -91,7 +46,7 @@ class JobTotals:
         if isinstance(plan, dict) and len(self.plans) < 64:
             self.plans.append(plan)
         trace = stats.get("trace") or ()
-        self.trace.add_steps(trace, t_offset - _trace_origin(trace, float(stats.get("elapsed_s", 0.0) or 0.0)))
+        self.trace.extend(trace, t_offset - _trace_origin(trace, float(stats.get("elapsed_s", 0.0) or 0.0)))
 
 
 def _trace_origin(trace: Sequence[dict], elapsed_s: float) -> float:

@@ -1,0 +1,107 @@
+"""`batchllm run`, pass 2 on one engine: windows of runnable lines, each one engine call, every result appended to the
+output as it arrives, and the progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from batchllm.jobs import openai_batch as ob
+from batchllm.jobs.report import JobTotals
+from batchllm.jobs.scan import Pending, Validator, prepare_runnable, read_pending
+from batchllm.jobs.writer import ResultWriter
+
+
+class Progress:
+    """tqdm bar on stderr: requests done/total, tokens/s, prefix saving, KV use (from llm.progress)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="req", file=sys.stderr, dynamic_ncols=True,
+                            mininterval=0.5, desc="batchllm run")
+        self._last = 0.0
+
+    def advance(self, totals: JobTotals, live: dict | None, t_job: float) -> None:
+        """One more request done; refreshes the figures at most twice a second."""
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        now = time.monotonic()
+        if now - self._last < 0.5 or not live:
+            return
+        self._last = now
+        logical = totals.engine_prompt_tokens + int(live.get("prompt_tokens", 0) or 0)
+        computed = totals.computed_prompt_tokens + int(live.get("computed_prompt_tokens", 0) or 0)
+        tokens = totals.prompt_tokens + totals.output_tokens
+        saving = 1.0 - computed / logical if logical else 0.0
+        kv_total = live.get("kv_blocks_total") or 0
+        kv = 100.0 * (live.get("kv_blocks_used") or 0) / kv_total if kv_total else 0.0
+        self.bar.set_postfix_str(f"{tokens / max(now - t_job, 1e-9):.0f} tok/s, saving {100 * saving:.0f}%, "
+                                 f"KV {kv:.0f}%", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_windows(llm: Any, path: str | Path, pending: Pending, validator: Validator, writer: ResultWriter,
+                totals: JobTotals, window: int, model_name: str, progress: Progress) -> None:
+    """Pass 2: each window of runnable lines is one generate_stream call; every result not yet in OUT is written as
+    it arrives (nothing accumulated). A window whose lines are all done is skipped; one with some done lines runs
+    whole, as in the first run, and only its missing results are written."""
+    tok_text = validator.encoder.token_text
+    t_start = time.monotonic()
+    window = max(1, window)
+    for start in range(0, len(pending), window):
+        if all(pending.done[start:start + window]):
+            continue
+        items = read_pending(path, pending, start, start + window)
+        done = {ln for ln, d in zip(pending.line_nos[start:start + window], pending.done[start:start + window]) if d}
+        prepared = prepare_runnable([it for it in items if isinstance(it, ob.BatchRequest)], validator, writer, totals)
+        del items
+        if not prepared:
+            continue
+        run_reqs = [req for req, _, _ in prepared]
+        prompts = [{"prompt_token_ids": ids} for _, ids, _ in prepared]
+        params = [sp for _, _, sp in prepared]
+        del prepared
+        t_call = time.monotonic() - t_start
+        for idx, out in llm.generate_stream(prompts, params):
+            req = run_reqs[idx]
+            if req.line_no in done:
+                continue
+            write_result(writer, req, out, totals, model_name, tok_text)
+            progress.advance(totals, getattr(llm, "progress", None), t_start)
+        live = getattr(llm, "progress", None) or {}
+        totals.kv_blocks_total = max(totals.kv_blocks_total, int(live.get("kv_blocks_total", 0) or 0))
+        totals.add_engine_stats(llm.stats(), t_call)
+
+
+def write_result(writer: ResultWriter, req: ob.BatchRequest, out: Any, totals: JobTotals, model_name: str,
+                 token_text: Callable[[int], str] | None) -> None:
+    """Writes the output line of one finished request and counts it into totals."""
+    if getattr(out, "error", None) or any(o.finish_reason == "error" for o in out.outputs):
+        msg = out.error or "the engine could not run this request"
+        totals.failed_engine += 1
+        writer.write(ob.error_line(ob.line_error(req.line_no, req.custom_id, ob.E_ENGINE, msg)))
+        return
+    totals.ok += 1
+    totals.prompt_tokens += len(out.prompt_token_ids)
+    totals.output_tokens += sum(len(o.token_ids) for o in out.outputs)
+    writer.write(ob.response_line(req, out, model_name, int(time.time()), token_text))
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    """The model name written into result lines that name none: the model folder's name, the GGUF file's stem, or
+    the name given."""
+    path = Path(args.model)
+    if path.exists():
+        return path.resolve().stem if path.is_file() else path.resolve().name
+    return str(args.model)
