@@ -1,4 +1,4 @@
-# The two commands a newcomer needs:  `make demo` (run the main job on the embedded tiny model) and `make test`.
+# The two commands a newcomer needs: `make demo` (the demo batch on SmolLM2-135M-Instruct) and `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -13,13 +13,14 @@ import time
 from dataclasses import replace
 
 from batchllm import machine
-from batchllm.config import ModelConfig
 from batchllm.engine_args import EngineArgs
 from batchllm.hub import resolve_model
 from batchllm.inputs import PromptEncoder
 from batchllm.kv.cache import KVCache
+from batchllm.model.cpu_kernels import run_dtype
 from batchllm.model.decoder import DecoderModel
 from batchllm.model.loader import load_weights
+from batchllm.model_config import ModelConfig
 from batchllm.runner import ModelRunner
 
 
@@ -29,7 +30,7 @@ class Engine:
     def __init__(self, args: EngineArgs):
         self.args = args
         self.device = machine.resolve_device(args.device)
-        self.dtype = machine.resolve_dtype(args.dtype, self.device)
+        self.dtype = run_dtype(args.dtype, self.device)
         self.load_timings: dict[str, float] = {}  # seconds spent fetching, converting and loading the model
         self.model_dir = resolve_model(args.model, self.dtype, self.load_timings)
         start = time.perf_counter()

@@ -125,28 +125,18 @@ _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bf
                 "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
-def resolve_dtype(dtype, device):
-    """The torch dtype of a run. 'auto': bf16 on CUDA and wherever this CPU's kernel path has fast bf16 kernels
-    (`bf16_is_fast`), else fp32."""
+def resolve_dtype(dtype, device, bf16_fast: bool = False):
+    """The torch dtype of a run. 'auto': bf16 on CUDA, and on a CPU where `bf16_fast` (the selected kernel path
+    runs a bf16 model entirely in the project's kernels: `cpu_kernels.run_dtype` asks), else fp32."""
     import torch
 
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        return torch.bfloat16 if bf16_is_fast() else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or bf16_fast else torch.float32
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
     return getattr(torch, _DTYPE_NAMES[dtype])
-
-
-def bf16_is_fast() -> bool:
-    """Whether the selected kernel path runs a bf16 model entirely in the project's kernels (gemm, attention,
-    element-wise ops), so bf16 beats fp32 on this CPU."""
-    from batchllm.model.cpu_kernels import has_bf16_kernels
-
-    return has_bf16_kernels()
 
 
 def available_memory() -> int | None:

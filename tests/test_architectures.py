@@ -13,7 +13,7 @@ from hf_reference import hf_greedy, hf_logprobs
 from test_engine_vs_hf import MAX_NEW, nested_workload, run
 
 from batchllm import LLM, SamplingParams
-from batchllm.config import ModelConfig
+from batchllm.model_config import ModelConfig
 
 ARCHS = ["tiny_qwen3", "tiny_gemma3", "tiny_phi3"]
 

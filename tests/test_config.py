@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from batchllm import LLM
-from batchllm.config import EngineConfig, ModelConfig
+from batchllm.config import EngineConfig
 from batchllm.kv.cache import KVCache
 from batchllm.machine import resolve_dtype
+from batchllm.model_config import ModelConfig
 
 
 def test_configs_of_the_three_architectures(tiny_llama, tiny_qwen2, tiny_mistral, tiny_llama_mqa, tiny_llama3_rope):
@@ -125,7 +126,7 @@ def test_cpu_kv_cache_is_zeroed_writable_and_of_its_dtype(tiny_llama, dtype, com
 
 _RSS_PROBE = """
 import os, sys, torch
-from batchllm.config import ModelConfig
+from batchllm.model_config import ModelConfig
 from batchllm.kv.cache import KVCache
 
 def rss():

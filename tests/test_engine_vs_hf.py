@@ -121,6 +121,7 @@ def test_one_level_plan_matches_too(tiny_llama, workload, llama_reference):
     outs, stats = run(tiny_llama, workload, plan_mode="one-level")
     assert outs == llama_reference
     nested_outs, nested_stats = run(tiny_llama, workload)
+    assert nested_outs == llama_reference
     assert nested_stats["computed_prompt_tokens"] <= stats["computed_prompt_tokens"]
 
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from kernel_paths import isa_params
 
-from batchllm.config import RopeConfig
 from batchllm.model.attention import AttentionMetadata, AttnPart, _merge
 from batchllm.model.cpu_kernels import load_cpu_kernels
 from batchllm.model.layers import RotaryTable, apply_rotary, rms_norm
+from batchllm.model_config import RopeConfig
 
 BF16 = torch.bfloat16
 

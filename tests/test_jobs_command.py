@@ -12,6 +12,7 @@ import pytest
 from batchllm.inputs import PromptEncoder
 from batchllm.jobs import command, job, scan
 from batchllm.jobs import openai_batch as ob
+from batchllm.jobs import openai_output as oo
 
 VOCAB = 300
 CONTEXT = 48
@@ -240,9 +241,9 @@ def rerun_size(ref_lines, cut, window):
     """Requests a rerun hands the engine: every runnable line (a response or an engine error, in input order) of each
     window that still misses a result; windows are cut as in the first run."""
     records = [json.loads(x) for x in ref_lines]
-    runnable = sorted(ob.line_no_of_output_id(r["id"]) for r in records
+    runnable = sorted(oo.line_no_of_output_id(r["id"]) for r in records
                       if r["error"] is None or r["error"]["code"] == ob.E_ENGINE)
-    done = {ob.line_no_of_output_id(r["id"]) for r in records[:cut]}
+    done = {oo.line_no_of_output_id(r["id"]) for r in records[:cut]}
     windows = [runnable[i:i + window] for i in range(0, len(runnable), window)]
     return sum(len(w) for w in windows if any(n not in done for n in w))
 

@@ -36,8 +36,8 @@ def kv_bytes(model_dir, blocks):
     """A KV budget of exactly `blocks` fp32 blocks of BLOCK tokens."""
     import torch
 
-    from batchllm.config import ModelConfig
     from batchllm.kv.cache import KVCache
+    from batchllm.model_config import ModelConfig
 
     return blocks * KVCache.bytes_per_block(ModelConfig.from_hf(model_dir), BLOCK, torch.float32)
 

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from batchllm.jobs import openai_batch as ob
+from batchllm.jobs import openai_output as oo
 
 
 def line(custom_id="a", url=ob.CHAT_URL, body=None, **extra):
@@ -91,7 +92,7 @@ def test_bad_lines_give_error_with_line_number(text, code, custom_id, words):
     assert (e.line_no, e.code, e.custom_id) == (7, code, custom_id)
     assert e.message.startswith("line 7: ")
     assert words in e.message
-    out = ob.error_line(e)
+    out = oo.error_line(e)
     assert out == {"id": "batch_req_7", "custom_id": custom_id, "response": None,
                    "error": {"code": code, "message": e.message}}
 
@@ -118,10 +119,10 @@ def test_read_context_length():
 
 
 def test_output_id_round_trip():
-    assert ob.output_id(12) == "batch_req_12"
-    assert ob.line_no_of_output_id("batch_req_12") == 12
-    assert ob.line_no_of_output_id("batch_req_x") is None
-    assert ob.line_no_of_output_id(None) is None
+    assert oo.output_id(12) == "batch_req_12"
+    assert oo.line_no_of_output_id("batch_req_12") == 12
+    assert oo.line_no_of_output_id("batch_req_x") is None
+    assert oo.line_no_of_output_id(None) is None
 
 
 def _out(choices, prompt_ids=(1, 2, 3), cached=2):
@@ -133,7 +134,7 @@ def test_chat_response_line_field_by_field():
     req = ob.parse_line(line("q1", body={"messages": [{"role": "user", "content": "x"}], "n": 2}), 3)
     out = _out([{"index": 1, "text": "B", "token_ids": [9], "finish_reason": "length", "logprobs": None},
                 {"index": 0, "text": "A!", "token_ids": [7, 8], "finish_reason": "stop", "logprobs": None}])
-    got = ob.response_line(req, out, "tiny", 1700000000)
+    got = oo.response_line(req, out, "tiny", 1700000000)
     assert got == {
         "id": "batch_req_3", "custom_id": "q1", "error": None,
         "response": {"status_code": 200, "request_id": "req_3", "body": {
@@ -152,7 +153,7 @@ def test_completion_response_line_with_logprobs():
     out = _out([{"index": 0, "text": "ab", "token_ids": [1, 2], "finish_reason": "length",
                  "logprobs": [{1: -0.5, 3: -0.25}, {2: -0.125}]}], prompt_ids=(4,), cached=0)
     names = {1: "a", 2: "b", 3: "c"}
-    got = ob.response_line(req, out, "tiny", 5, names.__getitem__)
+    got = oo.response_line(req, out, "tiny", 5, names.__getitem__)
     body = got["response"]["body"]
     assert (body["id"], body["object"], body["model"]) == ("cmpl-5", "text_completion", "given")
     assert body["choices"] == [{"index": 0, "text": "ab", "finish_reason": "length", "logprobs": {
@@ -165,6 +166,6 @@ def test_completion_response_line_with_logprobs():
 def test_chat_logprobs_shape():
     req = ob.parse_line(line(body={"messages": [{"role": "user", "content": "x"}], "logprobs": True}), 1)
     out = _out([{"index": 0, "text": "é", "token_ids": [1], "finish_reason": "stop", "logprobs": [{1: -1.0, 2: -2.0}]}])
-    lp = ob.response_line(req, out, "m", 0, {1: "é", 2: "z"}.__getitem__)["response"]["body"]["choices"][0]["logprobs"]
+    lp = oo.response_line(req, out, "m", 0, {1: "é", 2: "z"}.__getitem__)["response"]["body"]["choices"][0]["logprobs"]
     # logprobs true without top_logprobs: the sampled token only, no alternatives
     assert lp == {"content": [{"token": "é", "logprob": -1.0, "bytes": [195, 169], "top_logprobs": []}]}

@@ -60,8 +60,7 @@ def test_request_larger_than_the_kv_cache_is_an_error(tiny_llama):
     assert outs[1].outputs[0].finish_reason == "length"
 
 
-def test_max_tokens_and_eos(llm, tiny_llama):
-    eos = llm.get_tokenizer().eos_token_id
+def test_stop_token_ids_and_max_tokens(llm, tiny_llama):
     # A prompt whose greedy continuation we know; make its 3rd generated token the stop token.
     prompt = [1, 50, 60, 70]
     ref = hf_greedy(str(tiny_llama), [prompt], 8)[0]
@@ -70,18 +69,52 @@ def test_max_tokens_and_eos(llm, tiny_llama):
     assert out.outputs[0].token_ids == ref[: first + 1]
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == ref[2]
     out = llm.generate({"prompt_token_ids": prompt}, greedy(n=5, ignore_eos=True), use_tqdm=False)[0]
-    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 5
-    assert eos is not None
+    assert out.outputs[0].finish_reason == "length" and out.outputs[0].token_ids == ref[:5]
+
+
+def test_eos_stops_unless_ignored(tiny_llama, tmp_path):
+    """The same model with its config's eos_token_id set to the 3rd greedy token: generation ends there, the eos
+    included (as vLLM's token_ids), stop_reason None; with ignore_eos it runs to max_tokens."""
+    import json
+    import shutil
+
+    prompt = [1, 50, 60, 70]
+    ref = hf_greedy(str(tiny_llama), [prompt], 8)[0]
+    eos = ref[2]
+    model = tmp_path / "eos"
+    shutil.copytree(tiny_llama, model)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((model / name).read_text())
+        cfg["eos_token_id"] = eos
+        (model / name).write_text(json.dumps(cfg))
+    llm = LLM(str(model), dtype="float32", kv_cache_memory_bytes=1 << 20, block_size=4)
+    assert llm.engine.eos_token_ids == {eos}
+    out = llm.generate({"prompt_token_ids": prompt}, greedy(), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ref[: ref.index(eos) + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", None)
+    out = llm.generate({"prompt_token_ids": prompt}, greedy(ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert (out.token_ids, out.finish_reason) == (ref, "length")
 
 
 def test_min_tokens_defers_a_stop(llm, tiny_llama):
+    """The stop token is HF's first greedy choice: under min_tokens=3 it is masked for the first 3 tokens (so the
+    second-best goes first) and stops generation when it comes later. The expectation is HF's fp32 logits with the
+    same mask, step by step."""
+    from hf_reference import hf_last_logits
+
     prompt = [1, 50, 60, 70]
-    ref = hf_greedy(str(tiny_llama), [prompt], 8)[0]
-    stop = ref[0]
+    stop = hf_greedy(str(tiny_llama), [prompt], 1)[0][0]
+    want: list[int] = []
+    while len(want) < 8:
+        logits = hf_last_logits(str(tiny_llama), [prompt + want])[0].clone()  # [V]
+        if len(want) < 3:
+            logits[stop] = float("-inf")
+        want.append(int(torch.argmax(logits)))
+        if want[-1] == stop:
+            break
     out = llm.generate({"prompt_token_ids": prompt}, greedy(stop_token_ids=[stop], min_tokens=3), use_tqdm=False)[0]
-    toks = out.outputs[0].token_ids
-    assert len(toks) >= 3
-    assert stop not in toks[:3]
+    assert out.outputs[0].token_ids == want
+    assert out.outputs[0].finish_reason == ("stop" if want[-1] == stop else "length")
 
 
 def test_stop_strings_are_removed_from_text(llm):
@@ -102,7 +135,8 @@ def test_n_samples_share_the_prompt_kv_and_differ(llm):
     assert [o.index for o in out.outputs] == [0, 1, 2, 3]
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1
     stats = llm.stats()
-    assert stats["computed_prompt_tokens"] < 4 * 31  # the 4 samples computed the shared prompt once
+    # the 31-token prompt's first 7 blocks (28 tokens) once, and each sample's own 3 tokens once
+    assert stats["computed_prompt_tokens"] == stats["plan"]["plan_tokens"] == 28 + 4 * 3
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
@@ -154,7 +188,9 @@ def test_stats_account_exactly(llm):
     assert s["computed_prompt_tokens"] == 40 + 5 * 3  # the node (40 tokens) once, each own part (3 tokens) once
     assert s["plan"]["plan_tokens"] == 40 + 5 * 3
     assert s["preemptions"] == 0 and s["num_errors"] == 0
-    assert len(s["trace"]) > 0
+    assert sum(b["steps"] for b in s["trace"]) == s.steps  # the trace bins cover every step ...
+    assert sum(b["prefill_tokens"] for b in s["trace"]) == 40 + 5 * 3  # ... and every computed prompt token
+    assert sum(b["decode_tokens"] for b in s["trace"]) == 5 * 2  # each leaf feeds back its first 2 of 3 tokens
     assert s.computed_prompt_tokens == s["computed_prompt_tokens"] and s.prompt_tokens == 5 * 43  # attribute reads
     with pytest.raises(AttributeError):
         getattr(s, "no_such_figure")  # noqa: B009

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchllm.prefix import MODES, analyze_batch, plan_batch
-from batchllm.prefix.tree import as_token_source, build_block_trie, compress_tree, group_rows
+from batchllm.prefix.tree import compress_tree
+from batchllm.prefix.trie import as_token_source, build_block_trie, group_rows
 
 # ---------------------------------------------------------------- brute-force references (per-token Python)
 

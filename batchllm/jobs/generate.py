@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from batchllm.jobs import openai_batch as ob
+from batchllm.jobs import openai_output as oo
 from batchllm.jobs.report import JobTotals
 from batchllm.jobs.scan import Pending, Validator, prepare_runnable, read_pending
 from batchllm.jobs.writer import ResultWriter
@@ -90,12 +91,12 @@ def write_result(writer: ResultWriter, req: ob.BatchRequest, out: Any, totals: J
     if getattr(out, "error", None) or any(o.finish_reason == "error" for o in out.outputs):
         msg = out.error or "the engine could not run this request"
         totals.failed_engine += 1
-        writer.write(ob.error_line(ob.line_error(req.line_no, req.custom_id, ob.E_ENGINE, msg)))
+        writer.write(oo.error_line(ob.line_error(req.line_no, req.custom_id, ob.E_ENGINE, msg)))
         return
     totals.ok += 1
     totals.prompt_tokens += len(out.prompt_token_ids)
     totals.output_tokens += sum(len(o.token_ids) for o in out.outputs)
-    writer.write(ob.response_line(req, out, model_name, int(time.time()), token_text))
+    writer.write(oo.response_line(req, out, model_name, int(time.time()), token_text))
 
 
 def served_model_name(args: argparse.Namespace) -> str:

@@ -96,9 +96,10 @@ def resolve_job_model(args: argparse.Namespace) -> str:
     dtype the engine will run. Raises JobError with the reason."""
     from batchllm import machine
     from batchllm.hub import resolve_model
+    from batchllm.model.cpu_kernels import run_dtype
 
     try:
-        dtype = machine.resolve_dtype(args.dtype or "auto", machine.resolve_device(args.device or "auto"))
+        dtype = run_dtype(args.dtype or "auto", machine.resolve_device(args.device or "auto"))
         return str(resolve_model(args.model, dtype))
     except (OSError, ValueError, RuntimeError) as e:
         raise JobError(f"model {args.model}: {str(e).strip().splitlines()[0]}") from None

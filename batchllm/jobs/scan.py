@@ -12,6 +12,7 @@ from typing import Any
 
 from batchllm.inputs import PromptEncoder
 from batchllm.jobs import openai_batch as ob
+from batchllm.jobs import openai_output as oo
 from batchllm.jobs.report import JobTotals
 from batchllm.jobs.writer import ResultWriter, ResumeIndex
 from batchllm.sampling_params import derive_seed
@@ -165,7 +166,7 @@ def scan_input(path: str | Path, validator: Validator, resume: ResumeIndex, writ
             if done:
                 continue
             totals.failed_validation += 1
-            writer.write(ob.error_line(item))
+            writer.write(oo.error_line(item))
     return pending
 
 
@@ -194,7 +195,7 @@ def prepare_runnable(reqs: list[ob.BatchRequest], validator: Validator, writer: 
     for req, res in zip(reqs, validator.prepare(reqs)):
         if isinstance(res, ob.LineError):
             totals.failed_validation += 1
-            writer.write(ob.error_line(res))
+            writer.write(oo.error_line(res))
         else:
             out.append((req, res[0], res[1]))
     return out

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchllm.jobs.openai_batch import line_no_of_output_id
+from batchllm.jobs.openai_output import line_no_of_output_id
 
 
 class CorruptOutput(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from batchllm.config import ModelConfig
+from batchllm.model_config import ModelConfig
 
 _NUMPY_BY_SIZE = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 

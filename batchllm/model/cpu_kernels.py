@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from batchllm.machine import ISAS, cache_root, isa_cflags, selected_isa
+from batchllm.machine import ISAS, cache_root, isa_cflags, resolve_dtype, selected_isa
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "bindings.cpp", _CSRC / "ragged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "gemm.cpp"]
@@ -83,3 +83,10 @@ def load_fused_ops(dtype, device):
     if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
         return None
     return load_cpu_kernels() if has_bf16_kernels() else None
+
+
+def run_dtype(dtype, device):
+    """The torch dtype of a run on `device` (see `machine.resolve_dtype`): "auto" is bf16 where the selected kernel
+    path has the bf16 kernels (so bf16 beats fp32 on this CPU) and on CUDA, else fp32."""
+    auto_cpu = dtype == "auto" and getattr(device, "type", str(device)) == "cpu"
+    return resolve_dtype(dtype, device, bf16_fast=auto_cpu and has_bf16_kernels())

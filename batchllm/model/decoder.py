@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from batchllm.config import ModelConfig
 from batchllm.model.attention import AttentionMetadata, paged_attention, write_kv
 from batchllm.model.cpu_kernels import load_cpu_kernels, load_fused_ops
 from batchllm.model.layers import Linear, RotaryTable, add_rms_norm, apply_rotary, gated_mlp, rms_norm
+from batchllm.model_config import ModelConfig
 
 
 @dataclass

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from batchllm.config import RopeConfig
+from batchllm.model_config import RopeConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels=None) -> torch.Tensor:
