@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from batchllm.config import EngineConfig
 from batchllm.kv.block_pool import block_hashes
 from batchllm.prefix.plan import PrefixPlan
 from batchllm.request import Sequence as Seq
@@ -33,7 +34,7 @@ def build_sequences(plan: PrefixPlan, prompts: Sequence[list[int]], max_tokens: 
         nodes.append(seq)
         if parent is not None:
             parent.children.append(seq)
-    caching = policy in ("fcfs-cache", "lpm-cache")
+    caching = EngineConfig(policy=policy).caching
     leaves: list[Seq] = []
     for j, prompt in enumerate(prompts):
         lp = plan.leaf_parent[j]

@@ -19,6 +19,11 @@ class EngineConfig:
     seed: int = 0
     decode_estimate: str = "history"  # "history" (learn from finished requests) or "max_tokens" (never overcommit)
 
+    @property
+    def caching(self) -> bool:
+        """The baselines that reuse hashed full prompt blocks (vLLM's and SGLang's automatic prefix caching)."""
+        return self.policy in ("fcfs-cache", "lpm-cache")
+
     def __post_init__(self):
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")

@@ -54,8 +54,7 @@ class Scheduler:
     def __init__(self, cfg: EngineConfig, kv: KVManager | None = None, admission: Admission | None = None,
                  max_num_seqs: int = 256):
         self.cfg = cfg
-        self.kv = kv or KVManager(cfg.kv_cache_blocks, cfg.block_size, caching=cfg.policy in ("fcfs-cache",
-                                                                                              "lpm-cache"))
+        self.kv = kv or KVManager(cfg.kv_cache_blocks, cfg.block_size, caching=cfg.caching)
         self.admission = admission or make_admission(cfg.policy, self.kv, max_num_seqs, cfg.decode_estimate)
         self.waiting: deque[Sequence] = deque()  # group roots not started yet, in group order
         self.ready: deque[Sequence] = deque()  # queued sequences of started groups: always admitted first
