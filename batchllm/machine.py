@@ -30,12 +30,14 @@ _ISA_FLAGS = {
     "avx512bf16": ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "avx512f", "avx512bw", "avx512vl", "avx512dq",
                    "avx512cd", "avx512_bf16"),
 }
-# Compiler flags of each path's build (x86-64; elsewhere only "portable" exists and builds for the host).
+# Compiler flags of each path's build (x86-64; elsewhere only "portable" exists and builds for the host). The kernels
+# build with -ffast-math, under which GCC turns vector divisions into a reciprocal estimate (vrcpps) that flushes
+# tiny results to 0 on AVX2: -mno-recip keeps divisions exact.
 ISA_CFLAGS = {
-    "portable": ("-march=x86-64", "-mtune=generic"),
-    "avx2": ("-march=x86-64-v3", "-mtune=generic"),
-    "avx512": ("-march=x86-64-v4", "-mtune=generic"),
-    "avx512bf16": ("-march=x86-64-v4", "-mavx512bf16", "-mtune=generic"),
+    "portable": ("-march=x86-64", "-mtune=generic", "-mno-recip"),
+    "avx2": ("-march=x86-64-v3", "-mtune=generic", "-mno-recip"),
+    "avx512": ("-march=x86-64-v4", "-mtune=generic", "-mno-recip"),
+    "avx512bf16": ("-march=x86-64-v4", "-mavx512bf16", "-mtune=generic", "-mno-recip"),
 }
 
 

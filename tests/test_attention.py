@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 from attention_cases import CPU, Step, group_step, reference, run_case  # noqa: F401
+from kernel_paths import isa_params
 
+from batchllm.machine import selected_isa
 from batchllm.model import attention as attn_mod
 from batchllm.model.attention import AttentionMetadata, AttnPart, paged_attention
 
@@ -132,11 +134,16 @@ def _bf16_steps() -> dict[str, tuple[Step, int, int, int | None]]:
     }
 
 
+@pytest.mark.parametrize("isa", isa_params(need_bf16=False))
 @pytest.mark.parametrize("d", [32, 64, 96, 128])
 @pytest.mark.parametrize("case", list(_bf16_steps()))
-def test_bf16_matches_exact_attention_over_bf16_inputs(case, d):
-    """bf16 inputs: the output is within bf16 rounding of exact (float64) attention over the same values. The
-    kernel rounds the probabilities to bf16 for P V, so the error is a few bf16 ulps of the output."""
+def test_bf16_matches_exact_attention_over_bf16_inputs(case, d, isa, attention_path, monkeypatch):
+    """bf16 inputs: the output is within bf16 rounding of exact (float64) attention over the same values, on every
+    kernel path of the ragged kernel (vdpbf16ps with AVX512-BF16, which rounds the probabilities to bf16 for P V;
+    fp32 vectors on AVX-512F and AVX2; the portable loop) and on torch's fused kernel."""
+    if attention_path == "fused" and isa != selected_isa():
+        pytest.skip("torch's fused kernel does not depend on the project's kernel path")
+    monkeypatch.setenv("BATCHLLM_ISA", isa)
     step, heads, kv_heads, window = _bf16_steps()[case]
     out, ref, _ = run_case(step, heads, kv_heads, dtype=torch.bfloat16, window=window, d=d)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_paths import isa_params
 
 import batchllm.model.layers as layers
 from batchllm import LLM, SamplingParams
@@ -15,8 +16,15 @@ from batchllm.model.layers import Linear, can_pack, gemm_kernels
 
 BF16 = torch.bfloat16
 needs_packing = pytest.mark.skipif(not can_pack(torch.empty(1, dtype=BF16)), reason="torch has no oneDNN here")
-needs_gemm = pytest.mark.skipif(gemm_kernels(torch.empty(1, 2, dtype=BF16)) is None,
-                                reason="the bf16 gemm needs a CPU with AVX512-BF16 and a compiler")
+
+
+@pytest.fixture(params=isa_params(need_bf16=True))
+def gemm_isa(request, monkeypatch):
+    """Each kernel path with the project's gemm that this CPU runs (vdpbf16ps with AVX512-BF16, fp32 FMAs on
+    AVX-512F and AVX2), selected for the test."""
+    monkeypatch.setenv("BATCHLLM_ISA", request.param)
+    assert gemm_kernels(torch.empty(1, 2, dtype=BF16)) is not None
+    return request.param
 SHAPES = [(128, 64), (37, 100), (1152, 896), (32000, 512)]
 
 
@@ -29,10 +37,9 @@ def make_linear(out_f: int, in_f: int, bias: bool, dtype=BF16, seed=0) -> Linear
     return lin
 
 
-@needs_gemm
 @pytest.mark.parametrize("out_f,in_f", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemm_packed_linear_is_the_exact_product_within_bf16_rounding(out_f, in_f, bias):
+def test_gemm_packed_linear_is_the_exact_product_within_bf16_rounding(out_f, in_f, bias, gemm_isa):
     """Against the product in float64 of the same bf16 values: each output is the fp32 sum (error at most
     K * 2^-23 * sum |x w|) rounded once to bf16 (half a bf16 step: at most 2^-8 relative). And against `F.linear`
     (oneDNN, also fp32 sums of `vdpbf16ps` products): equal in all but a few elements (0.01% measured on
@@ -61,9 +68,8 @@ def test_gemm_packed_linear_is_the_exact_product_within_bf16_rounding(out_f, in_
     assert torch.equal(lin(batched), lin(batched.reshape(6, in_f)).reshape(2, 3, out_f))
 
 
-@needs_gemm
 @pytest.mark.parametrize("out_f,in_f", [(37, 100), (1152, 896)])
-def test_gemm_row_results_do_not_depend_on_the_batch_or_the_threads(out_f, in_f):
+def test_gemm_row_results_do_not_depend_on_the_batch_or_the_threads(out_f, in_f, gemm_isa):
     """A row's output is the same bits alone, at any place in a batch of any size (tiles of 1-6 rows, row blocks,
     panels split over threads) and with 1 or 2 threads: batch composition never changes a bf16 answer."""
     lin = make_linear(out_f, in_f, True)
@@ -86,15 +92,14 @@ def test_gemm_row_results_do_not_depend_on_the_batch_or_the_threads(out_f, in_f)
         torch.set_num_threads(threads)
 
 
-@needs_gemm
 @pytest.mark.parametrize("inter,in_f,bias", [(352, 128, False), (100, 64, True), (37, 130, True)])
-def test_gated_packing_gives_silu_mul_of_the_product_bit_for_bit(inter, in_f, bias):
+def test_gated_packing_gives_silu_mul_of_the_product_bit_for_bit(inter, in_f, bias, gemm_isa):
     """A [gate; up] projection packed gated computes bf16(silu(gate) * up) in the product's epilogue: the same bits as
     the fused `silu_mul` of the plain packed product (also with a bias and a feature count that is not a multiple of
     the panel's 32), for any number of rows; its plain `forward` is refused."""
     from batchllm.model.cpu_kernels import load_cpu_kernels
 
-    silu_mul = load_cpu_kernels().silu_mul
+    silu_mul = load_cpu_kernels(gemm_isa).silu_mul
     plain = make_linear(2 * inter, in_f, bias, seed=3)
     gated = make_linear(2 * inter, in_f, bias, seed=3)
     plain.pack()

@@ -24,7 +24,8 @@ from batchllm.model.cpu_kernels import has_bf16_kernels, load_ragged_attention
 DEFAULT_MAX_KEYS_PER_CALL = 1 << 17
 # fp32: parts with at most this many query rows (decodes, short chunks) go to the ragged CPU kernel when it is
 # available: it reads their keys straight from the paged cache, where the fused kernel pays a fixed cost per
-# (part, head). bf16: every part goes to the kernel, whose AVX512-BF16 path runs large parts as matrix products.
+# (part, head). bf16: every part goes to the kernel, which runs large parts as register-blocked matrix products
+# (vdpbf16ps with AVX512-BF16, fp32 FMAs on AVX-512F and AVX2: attention_f32.cpp).
 RAGGED_MAX_QUERIES = 8
 
 

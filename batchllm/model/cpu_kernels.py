@@ -17,7 +17,8 @@ from pathlib import Path
 from batchllm.machine import ISAS, cache_root, isa_cflags, resolve_dtype, selected_isa
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "bindings.cpp", _CSRC / "ragged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "gemm.cpp"]
+_SOURCES = [_CSRC / name for name in ("bindings.cpp", "ragged_attention.cpp", "attention_f32.cpp", "fused_ops.cpp",
+                                      "gemm.cpp")]
 _HEADERS = sorted(_CSRC.glob("*.h"))
 
 

@@ -91,7 +91,8 @@ class Linear(torch.nn.Module):
     """y = x W^T + b for x [..., in]; W is [out, in] as in the checkpoint.
 
     `pack()` moves W once into a matmul kernel's own layout and drops the plain copy (bf16 on CPU only):
-    - the project's AVX512-BF16 kernel (`csrc/gemm.cpp`) where it was built. A row's result is the same whatever the
+    - the project's kernel (`csrc/gemm.cpp`: vdpbf16ps with AVX512-BF16, fp32 FMAs over bf16 weights on AVX-512F
+      and AVX2) where it was built. A row's result is the same whatever the
       other rows of the batch, and within one bf16 step of `F.linear` (equal in all but ~0.01% of values, checked in
       `test_layers.py`). Against oneDNN's packed weights, alternating calls over 8 layers' weights (2 threads): at
       1-128 rows, where decode steps live, 1.15-2.2x for qkv, o and down, 1.1-1.45x for gate_up and 1.0-1.25x for a
@@ -147,8 +148,8 @@ class Linear(torch.nn.Module):
 
 
 def gemm_kernels(weight: torch.Tensor):
-    """The compiled module whose `gemm` can take this weight (bf16 on a CPU with AVX512-BF16, an even number of input
-    features), or None."""
+    """The compiled module whose `gemm` can take this weight (bf16 on a CPU whose kernel path has the gemm, an even
+    number of input features), or None."""
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.shape[1] % 2:
         return None
     from batchllm.model.cpu_kernels import has_bf16_kernels, load_cpu_kernels

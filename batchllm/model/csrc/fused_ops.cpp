@@ -1,6 +1,8 @@
-// Fused bf16 element-wise ops of the decoder layer for CPU (AVX-512). Each reads and writes its tensors once,
-// computing in fp32; the torch equivalents make one pass (and one bf16 rounding) per operator. Rows are split over
-// torch's threads. Built only where the CPU has AVX512-BF16 (`available()`); elsewhere the model uses torch ops.
+// Fused bf16 element-wise ops of the decoder layer for CPU. Each reads and writes its tensors once, computing in fp32;
+// the torch equivalents make one pass (and one bf16 rounding) per operator. Rows are split over torch's threads.
+// Written once over the vector type of the build (vec.h: 16 lanes with AVX-512, 8 with AVX2); the roundings are the
+// same on every path, only sums over a row may differ in their last bits. Built where the kernel path has vectors
+// (`bf16_kernels()`); elsewhere the model uses torch ops.
 //
 //   rms_norm(x [T, N], w [N], eps) -> [T, N]                  bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))  (HF order)
 //   add_rms_norm(x [T, N], delta [T, N], w, eps) -> [T, N]    x += delta (in place, rounded to bf16), then rms_norm(x)
@@ -23,23 +25,22 @@
 #include <cstdint>
 #include <vector>
 
-#include "simd.h"
+#include "vec.h"
 
 bool bf16_kernels() {
-#ifdef BATCHLLM_HAS_BF16_KERNEL
+#ifdef BATCHLLM_HAS_VEC
   return true;
 #else
   return false;
 #endif
 }
 
-#ifdef BATCHLLM_HAS_BF16_KERNEL
+#ifdef BATCHLLM_HAS_VEC
 namespace {
 
 using bf16 = at::BFloat16;
-using simd::load_bf16;
-using simd::round_bf16;
-using simd::store_bf16;
+using V = vec::Best;
+constexpr int64_t L = V::N;
 constexpr float NEG = -1e30f;  // finite "minus infinity" (built with -ffast-math)
 
 void check_bf16(const at::Tensor& t, const char* name) {
@@ -48,15 +49,15 @@ void check_bf16(const at::Tensor& t, const char* name) {
 }
 
 void norm_row(const bf16* x, const bf16* w, bf16* out, int64_t n, float eps) {
-  __m512 ss = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m512 v = load_bf16(x + i, n - i);
-    ss = _mm512_fmadd_ps(v, v, ss);
+  V ss = V::zero();
+  for (int64_t i = 0; i < n; i += L) {
+    const V v = V::load_bf16(x + i, n - i);
+    ss = V::fma(v, v, ss);
   }
-  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(n) + eps));
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m512 h = round_bf16(_mm512_mul_ps(load_bf16(x + i, n - i), inv));
-    store_bf16(out + i, _mm512_mul_ps(load_bf16(w + i, n - i), h), n - i);
+  const V inv = V::set1(1.f / std::sqrt(ss.sum() / static_cast<float>(n) + eps));
+  for (int64_t i = 0; i < n; i += L) {
+    const V h = (V::load_bf16(x + i, n - i) * inv).round_bf16();
+    (V::load_bf16(w + i, n - i) * h).store_bf16(out + i, n - i);
   }
 }
 
@@ -89,8 +90,7 @@ at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor
     for (int64_t r = b; r < e; ++r) {
       bf16* xr = px + r * n;
       const bf16* dr = pd + r * n;
-      for (int64_t i = 0; i < n; i += 16)
-        store_bf16(xr + i, _mm512_add_ps(load_bf16(xr + i, n - i), load_bf16(dr + i, n - i)), n - i);
+      for (int64_t i = 0; i < n; i += L) (V::load_bf16(xr + i, n - i) + V::load_bf16(dr + i, n - i)).store_bf16(xr + i, n - i);
       norm_row(xr, pw, po + r * n, n, static_cast<float>(eps));
     }
   });
@@ -108,10 +108,8 @@ at::Tensor silu_mul(const at::Tensor& gu) {
       const bf16* g = pg + r * two_i;
       const bf16* u = g + inter;
       bf16* o = po + r * inter;
-      for (int64_t i = 0; i < inter; i += 16) {
-        const __m512 silu = simd::silu_bf16(load_bf16(g + i, inter - i));
-        store_bf16(o + i, _mm512_mul_ps(silu, load_bf16(u + i, inter - i)), inter - i);
-      }
+      for (int64_t i = 0; i < inter; i += L)
+        (vec::silu_bf16(V::load_bf16(g + i, inter - i)) * V::load_bf16(u + i, inter - i)).store_bf16(o + i, inter - i);
     }
   });
   return out;
@@ -144,13 +142,13 @@ void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::
       const bf16* c = pc + ppos[t] * D;
       const bf16* s = ps + ppos[t] * D;
       auto rotate = [&](bf16* x) {  // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
-        for (int64_t i = 0; i < half; i += 16) {
+        for (int64_t i = 0; i < half; i += L) {
           const int64_t n = half - i;
-          const __m512 x1 = load_bf16(x + i, n), x2 = load_bf16(x + half + i, n);
-          const __m512 o1 = _mm512_fnmadd_ps(x2, load_bf16(s + i, n), _mm512_mul_ps(x1, load_bf16(c + i, n)));
-          const __m512 o2 = _mm512_fmadd_ps(x1, load_bf16(s + half + i, n), _mm512_mul_ps(x2, load_bf16(c + half + i, n)));
-          store_bf16(x + i, o1, n);
-          store_bf16(x + half + i, o2, n);
+          const V x1 = V::load_bf16(x + i, n), x2 = V::load_bf16(x + half + i, n);
+          const V o1 = V::fnma(x2, V::load_bf16(s + i, n), x1 * V::load_bf16(c + i, n));
+          const V o2 = V::fma(x1, V::load_bf16(s + half + i, n), x2 * V::load_bf16(c + half + i, n));
+          o1.store_bf16(x + i, n);
+          o2.store_bf16(x + half + i, n);
         }
       };
       for (int64_t h = 0; h < H; ++h) rotate(pq + t * qs0 + h * qs1);
@@ -168,34 +166,31 @@ void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::
 at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat && out.is_contiguous() &&
               lse.is_contiguous() && index.is_contiguous(), "merge takes contiguous fp32 out and lse");
-  const int64_t N = out.size(0), H = out.size(1), D = out.size(2), T = index.size(0), L = index.size(1);
+  const int64_t N = out.size(0), H = out.size(1), D = out.size(2), T = index.size(0), Lp = index.size(1);
   auto res = at::empty({T, H, D}, out.options().dtype(at::kBFloat16));
   const float *po = out.data_ptr<float>(), *pl = lse.data_ptr<float>();
   const int64_t* pi = index.data_ptr<int64_t>();
   bf16* pr = res.data_ptr<bf16>();
   at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
-    std::vector<float> wts(L);
+    std::vector<float> wts(Lp);
     for (int64_t t = b; t < e; ++t) {
-      const int64_t* idx = pi + t * L;
+      const int64_t* idx = pi + t * Lp;
       for (int64_t h = 0; h < H; ++h) {
         float mx = NEG;
-        for (int64_t l = 0; l < L; ++l) mx = std::max(mx, idx[l] < N ? pl[idx[l] * H + h] : NEG);
+        for (int64_t l = 0; l < Lp; ++l) mx = std::max(mx, idx[l] < N ? pl[idx[l] * H + h] : NEG);
         float total = 0.f;
-        for (int64_t l = 0; l < L; ++l) {
+        for (int64_t l = 0; l < Lp; ++l) {
           wts[l] = idx[l] < N && pl[idx[l] * H + h] > NEG ? std::exp(pl[idx[l] * H + h] - mx) : 0.f;
           total += wts[l];
         }
         bf16* dst = pr + (t * H + h) * D;
-        for (int64_t d = 0; d < D; d += 16) {
-          __m512 acc = _mm512_setzero_ps();
-          for (int64_t l = 0; l < L; ++l) {
+        for (int64_t d = 0; d < D; d += L) {
+          V acc = V::zero();
+          for (int64_t l = 0; l < Lp; ++l) {
             if (wts[l] == 0.f) continue;
-            const float* src = po + (idx[l] * H + h) * D + d;
-            const __m512 v = D - d >= 16 ? _mm512_loadu_ps(src)
-                                         : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (D - d)) - 1u), src);
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(wts[l] / total), v, acc);
+            acc = V::fma(V::set1(wts[l] / total), V::load(po + (idx[l] * H + h) * D + d, D - d), acc);
           }
-          store_bf16(dst + d, acc, D - d);
+          acc.store_bf16(dst + d, D - d);
         }
       }
     }
@@ -207,22 +202,25 @@ namespace {
 
 // bf16 bits -> int16 keys ordered as the values: x >= 0 keeps its bits, x < 0 becomes -(bits of |x|), so -0 and +0
 // are equal; every NaN gets one key above +inf (0x7F80). Integers, so -ffast-math cannot assume the NaNs away.
+// Lane l of chunk c holds element W c + l (W = 32 with AVX-512BW, 16 with AVX2); each lane keeps its largest key and
+// the first chunk holding it.
+#if defined(BATCHLLM_HAS_V16)
+constexpr int64_t W = 32;
 inline __m512i order_keys(__m512i bits) {
   const __m512i mag = _mm512_and_si512(bits, _mm512_set1_epi16(0x7FFF));
   const __m512i key = _mm512_mask_sub_epi16(mag, _mm512_movepi16_mask(bits), _mm512_setzero_si512(), mag);
   return _mm512_mask_mov_epi16(key, _mm512_cmpgt_epi16_mask(mag, _mm512_set1_epi16(0x7F80)), _mm512_set1_epi16(0x7F81));
 }
 
-// Lane l of chunk c holds element 32 c + l; each lane keeps its largest key and the first chunk holding it.
-int64_t argmax_row(const bf16* x, int64_t V) {
+void lane_best(const bf16* x, int64_t V_, int16_t* keys, uint16_t* chunks) {
   __m512i best = _mm512_set1_epi16(INT16_MIN), best_chunk = _mm512_setzero_si512(), chunk = _mm512_setzero_si512();
   const __m512i one = _mm512_set1_epi16(1);
-  for (int64_t i = 0; i < V; i += 32) {
+  for (int64_t i = 0; i < V_; i += W) {
     __m512i key;
-    if (V - i >= 32) {
+    if (V_ - i >= W) {
       key = order_keys(_mm512_loadu_si512(x + i));
     } else {  // lanes past the row's end keep INT16_MIN, below every real key
-      const __mmask32 valid = static_cast<__mmask32>((uint64_t{1} << (V - i)) - 1u);
+      const __mmask32 valid = static_cast<__mmask32>((uint64_t{1} << (V_ - i)) - 1u);
       key = _mm512_mask_mov_epi16(_mm512_set1_epi16(INT16_MIN), valid,
                                   order_keys(_mm512_maskz_loadu_epi16(valid, x + i)));
     }
@@ -231,15 +229,53 @@ int64_t argmax_row(const bf16* x, int64_t V) {
     best_chunk = _mm512_mask_mov_epi16(best_chunk, gt, chunk);
     chunk = _mm512_add_epi16(chunk, one);
   }
-  alignas(64) int16_t keys[32];
-  alignas(64) uint16_t chunks[32];
-  _mm512_store_si512(keys, best);
-  _mm512_store_si512(chunks, best_chunk);
+  _mm512_storeu_si512(keys, best);
+  _mm512_storeu_si512(chunks, best_chunk);
+}
+#else
+constexpr int64_t W = 16;
+inline __m256i order_keys(__m256i bits) {
+  const __m256i mag = _mm256_and_si256(bits, _mm256_set1_epi16(0x7FFF));
+  const __m256i neg = _mm256_srai_epi16(bits, 15);  // all ones where the sign bit is set
+  const __m256i key = _mm256_blendv_epi8(mag, _mm256_sub_epi16(_mm256_setzero_si256(), mag), neg);
+  return _mm256_blendv_epi8(key, _mm256_set1_epi16(0x7F81), _mm256_cmpgt_epi16(mag, _mm256_set1_epi16(0x7F80)));
+}
+
+void lane_best(const bf16* x, int64_t V_, int16_t* keys, uint16_t* chunks) {
+  __m256i best = _mm256_set1_epi16(INT16_MIN), best_chunk = _mm256_setzero_si256(), chunk = _mm256_setzero_si256();
+  const __m256i one = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < V_; i += W) {
+    __m256i key;
+    if (V_ - i >= W) {
+      key = order_keys(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)));
+    } else {  // lanes past the row's end keep INT16_MIN, below every real key
+      int16_t tmp[W];
+      std::fill(tmp, tmp + W, int16_t{0});
+      std::memcpy(tmp, x + i, static_cast<size_t>(V_ - i) * 2);
+      key = order_keys(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tmp)));
+      const __m256i lane = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const __m256i valid = _mm256_cmpgt_epi16(_mm256_set1_epi16(static_cast<int16_t>(V_ - i)), lane);
+      key = _mm256_blendv_epi8(_mm256_set1_epi16(INT16_MIN), key, valid);
+    }
+    const __m256i gt = _mm256_cmpgt_epi16(key, best);  // strict: a tie keeps the earlier chunk
+    best = _mm256_blendv_epi8(best, key, gt);
+    best_chunk = _mm256_blendv_epi8(best_chunk, chunk, gt);
+    chunk = _mm256_add_epi16(chunk, one);
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys), best);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(chunks), best_chunk);
+}
+#endif
+
+int64_t argmax_row(const bf16* x, int64_t V_) {
+  int16_t keys[W];
+  uint16_t chunks[W];
+  lane_best(x, V_, keys, chunks);
   int64_t arg = -1;
   int16_t top = INT16_MIN;
-  for (int64_t lane = 0; lane < 32; ++lane) {
-    const int64_t index = int64_t{chunks[lane]} * 32 + lane;
-    if (lane >= V) continue;
+  for (int64_t lane = 0; lane < W; ++lane) {
+    const int64_t index = int64_t{chunks[lane]} * W + lane;
+    if (lane >= V_) continue;
     if (arg < 0 || keys[lane] > top || (keys[lane] == top && index < arg)) {
       top = keys[lane];
       arg = index;
@@ -252,20 +288,20 @@ int64_t argmax_row(const bf16* x, int64_t V) {
 
 at::Tensor argmax_rows(const at::Tensor& x) {
   check_bf16(x, "x");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.size(1) <= (int64_t{1} << 21), "x must be [B, V] with 0 < V <= 2^21");
-  const int64_t B = x.size(0), V = x.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.size(1) <= (int64_t{1} << 20), "x must be [B, V] with 0 < V <= 2^20");
+  const int64_t B = x.size(0), V_ = x.size(1);
   auto out = at::empty({B}, x.options().dtype(at::kLong));
   const bf16* px = x.data_ptr<bf16>();
   int64_t* po = out.data_ptr<int64_t>();
   at::parallel_for(0, B, 4, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) po[r] = argmax_row(px + r * V, V);
+    for (int64_t r = b; r < e; ++r) po[r] = argmax_row(px + r * V_, V_);
   });
   return out;
 }
 
-#else  // no AVX512-BF16: the model does not call these (bf16_kernels() is false)
+#else  // no vectors: the model does not call these (bf16_kernels() is false)
 
-static void unavailable() { TORCH_CHECK(false, "fused ops need a CPU with AVX512-BF16"); }
+static void unavailable() { TORCH_CHECK(false, "the fused ops need a CPU with AVX2 or AVX-512"); }
 at::Tensor rms_norm(const at::Tensor&, const at::Tensor&, double) { unavailable(); return {}; }
 at::Tensor add_rms_norm(at::Tensor&, const at::Tensor&, const at::Tensor&, double) { unavailable(); return {}; }
 at::Tensor silu_mul(const at::Tensor&) { unavailable(); return {}; }

@@ -1,4 +1,7 @@
-// bf16 matrix product for the linear projections on CPU (AVX512-BF16): y = x W^T (+ b), fp32 accumulation.
+// bf16 matrix product for the linear projections on CPU: y = x W^T (+ b), fp32 accumulation. Two tile kernels over one
+// packing: with AVX512-BF16, `vdpbf16ps` multiplies pairs of bf16 directly; on AVX-512F or AVX2 (`f32tile`), x is
+// converted to fp32 once and each weight pair is split into two fp32 vectors in registers (a shift and a mask), then
+// FMAs: half the memory of fp32 weights, fp32 arithmetic, the same row independence and gated epilogue.
 //
 //   pack_weight(w [N, K], gated) -> packed [P, K/2, 64, 2]   P = ceil(N / 64) panels of 64 output columns; columns
 //                                                            past N are zero; K must be even
@@ -31,16 +34,28 @@
 #include <optional>
 #include <vector>
 
-#include "simd.h"
+#include "vec.h"
 
-#ifdef BATCHLLM_HAS_BF16_KERNEL
+#ifdef BATCHLLM_HAS_VEC
 namespace {
 
 using bf16 = at::BFloat16;
 constexpr int64_t COLS = 64;                      // output columns per panel
 constexpr int NV = COLS / 16;                     // zmm registers per step of a panel
-constexpr int MR = 6;                             // rows per tile: MR x NV = 24 accumulators
-constexpr int64_t ROW_BLOCK_BYTES = 512 * 1024;   // x rows of one row block (bf16), kept in L2
+constexpr int MR = 6;                             // rows per tile
+constexpr int64_t ROW_BLOCK_BYTES = 512 * 1024;   // x rows of one row block, kept in L2
+
+// Output column j of panel p comes from weight row source_row(p, j, ...), or from none (-1: a zero column).
+int64_t source_row(int64_t p, int64_t j, int64_t N, bool gated) {
+  if (!gated) return p * COLS + j < N ? p * COLS + j : -1;
+  const int64_t half = COLS / 2, inter = N / 2, feature = p * half + j % half;
+  if (feature >= inter) return -1;
+  return j < half ? feature : inter + feature;
+}
+
+
+#ifdef BATCHLLM_HAS_BF16_KERNEL
+using XRow = uint32_t;  // x as bf16 pairs
 
 // One tile: rows x[0 .. R-1] (row stride ldx pairs) times one panel over `steps` pairs, written to c (row stride
 // ldc) as bf16, columns [0, ncols) of the panel. Meanwhile prefetches `pf_lines` lines from `pf` into L2.
@@ -74,8 +89,8 @@ void tile(const uint32_t* x, int64_t ldx, const __m512i* w, int64_t steps, const
       for (int v = 0; v < NV / 2; ++v) {
         const int64_t n = std::min<int64_t>(16, ncols - 16 * v);
         if (n <= 0) break;
-        const __m512 silu = simd::silu_bf16(simd::round_bf16(acc[i][v]));
-        simd::store_bf16(c + i * ldc + 16 * v, _mm512_mul_ps(silu, simd::round_bf16(acc[i][v + NV / 2])), n);
+        const vec::V16 silu = vec::silu_bf16(vec::V16(acc[i][v]).round_bf16());
+        (silu * vec::V16(acc[i][v + NV / 2]).round_bf16()).store_bf16(c + i * ldc + 16 * v, n);
       }
     return;
   }
@@ -83,12 +98,13 @@ void tile(const uint32_t* x, int64_t ldx, const __m512i* w, int64_t steps, const
     for (int v = 0; v < NV; ++v) {
       const int64_t n = std::min<int64_t>(16, ncols - 16 * v);
       if (n <= 0) break;
-      simd::store_bf16(c + i * ldc + 16 * v, acc[i][v], n);
+      vec::V16(acc[i][v]).store_bf16(c + i * ldc + 16 * v, n);
     }
 }
 
-void tile_rows(int64_t rows, const uint32_t* x, int64_t ldx, const __m512i* w, int64_t steps, const float* bias,
+void tile_rows(int64_t rows, const XRow* x, int64_t ldx, const void* w_, int64_t steps, const float* bias,
                bf16* c, int64_t ldc, int64_t ncols, const char* pf, int64_t pf_lines, bool gated) {
+  const __m512i* w = static_cast<const __m512i*>(w_);
   switch (rows) {
     case 1: return tile<1>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines, gated);
     case 2: return tile<2>(x, ldx, w, steps, bias, c, ldc, ncols, pf, pf_lines, gated);
@@ -99,13 +115,95 @@ void tile_rows(int64_t rows, const uint32_t* x, int64_t ldx, const __m512i* w, i
   }
 }
 
-// Output column j of panel p comes from weight row source_row(p, j, ...), or from none (-1: a zero column).
-int64_t source_row(int64_t p, int64_t j, int64_t N, bool gated) {
-  if (!gated) return p * COLS + j < N ? p * COLS + j : -1;
-  const int64_t half = COLS / 2, inter = N / 2, feature = p * half + j % half;
-  if (feature >= inter) return -1;
-  return j < half ? feature : inter + feature;
+#else
+using V = vec::Best;
+using XRow = float;  // x converted to fp32 once per call
+constexpr int GN = V::N;  // columns of one column group (one vector)
+constexpr int64_t GROUPS = COLS / GN;  // column groups per panel
+constexpr int CG = V::N == 16 ? 4 : 2;  // column groups per tile: MR x CG accumulators (24 zmm, 12 ymm)
+
+// The bf16 pairs of a column group at step j, split into the even-k and odd-k weights as fp32.
+inline void split_pairs(const bf16* w, V& even, V& odd) {
+#if defined(BATCHLLM_HAS_V16)
+  const __m512i raw = _mm512_loadu_si512(w);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+#else
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+#endif
 }
+
+// One tile: R rows of fp32 x (row stride ldx) times the CG column groups `group[]` of one panel (pairs layout: step j
+// holds 2 * COLS bf16), every output the same chain of FMAs over k = 0 .. K-1 whatever the batch. Non-gated: writes
+// the groups' columns; gated: group[0 .. CG/2) are gate columns whose up columns are group[CG/2 ..), and the tile
+// writes bf16(silu(gate) * up) of their features.
+template <int R>
+void f32tile(const float* x, int64_t ldx, const bf16* panel, int64_t steps, const int64_t* group, const float* bias,
+             bf16* c, int64_t ldc, const int64_t* out_col, int64_t ncols, const char* pf, int64_t pf_lines,
+             bool gated) {
+  V acc[R][CG];
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < CG; ++g) acc[i][g] = V::zero();
+  int64_t spread = 0;
+  for (int64_t j = 0; j < steps; ++j) {
+    const bf16* wj = panel + j * 2 * COLS;
+    spread += pf_lines;
+    while (spread >= steps) {
+      spread -= steps;
+      _mm_prefetch(pf, _MM_HINT_T1);
+      pf += 64;
+    }
+    V even[CG], odd[CG];
+    for (int g = 0; g < CG; ++g) split_pairs(wj + group[g] * 2 * GN, even[g], odd[g]);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const V xe = V::set1(x[i * ldx + 2 * j]), xo = V::set1(x[i * ldx + 2 * j + 1]);
+      for (int g = 0; g < CG; ++g) acc[i][g] = V::fma(xo, odd[g], V::fma(xe, even[g], acc[i][g]));
+    }
+  }
+  if (bias != nullptr)  // padded to whole panels
+    for (int i = 0; i < R; ++i)
+      for (int g = 0; g < CG; ++g) acc[i][g] = acc[i][g] + V::load(bias + group[g] * GN);
+  const int out_groups = gated ? CG / 2 : CG;
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < out_groups; ++g) {
+      const int64_t n = std::min<int64_t>(GN, ncols - out_col[g]);
+      if (n <= 0) continue;
+      V y = acc[i][g];
+      if (gated) y = vec::silu_bf16(y.round_bf16()) * acc[i][g + CG / 2].round_bf16();
+      y.store_bf16(c + i * ldc + out_col[g], n);
+    }
+}
+
+// The tiles of one (row block, panel) item over all its column groups; `rows` <= MR.
+void tile_rows(int64_t rows, const XRow* x, int64_t ldx, const void* w, int64_t steps, const float* bias, bf16* c,
+               int64_t ldc, int64_t ncols, const char* pf, int64_t pf_lines, bool gated) {
+  const bf16* panel = static_cast<const bf16*>(w);
+  // non-gated: groups (0, 1, ..) in tiles of CG; gated: gate group h with up group h + GROUPS / 2
+  const int64_t per_tile = gated ? CG / 2 : CG, tiles = (gated ? GROUPS / 2 : GROUPS) / per_tile;
+  for (int64_t t = 0; t < tiles; ++t) {
+    int64_t group[CG], out_col[CG];
+    for (int g = 0; g < CG; ++g) {
+      const int64_t h = t * per_tile + g % per_tile;
+      group[g] = gated && g >= per_tile ? h + GROUPS / 2 : h;
+      out_col[g] = h * GN;
+    }
+    if (out_col[0] >= ncols) break;
+    const char* tpf = pf == nullptr ? nullptr : pf + 64 * (pf_lines * t / tiles);
+    const int64_t tlines = pf_lines * (t + 1) / tiles - pf_lines * t / tiles;
+    switch (rows) {
+      case 1: f32tile<1>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated); break;
+      case 2: f32tile<2>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated); break;
+      case 3: f32tile<3>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated); break;
+      case 4: f32tile<4>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated); break;
+      case 5: f32tile<5>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated); break;
+      default: f32tile<MR>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated);
+    }
+  }
+}
+#endif
 
 }  // namespace
 
@@ -163,32 +261,40 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, con
       }
   }
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
-  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<bf16>());  // pairs
-  const __m512i* wp = reinterpret_cast<const __m512i*>(packed.data_ptr<bf16>());
+#ifdef BATCHLLM_HAS_BF16_KERNEL
+  const XRow* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<bf16>());  // pairs
+  const int64_t ldx = steps, x_bytes = 2 * K;
+#else
+  const at::Tensor xf = x.to(at::kFloat);  // [M, K]: converted once, read by every panel
+  const XRow* xp = xf.data_ptr<float>();
+  const int64_t ldx = K, x_bytes = 4 * K;
+#endif
+  const bf16* wp = packed.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
 
   // Row blocks of nearly equal size: as few as keep a block's x rows within ROW_BLOCK_BYTES (each block streams the
   // whole weight once), and at least as many as give every thread an item when the panels are fewer than threads.
   const int64_t threads = at::get_num_threads();
-  const int64_t cap = std::max<int64_t>(MR, ROW_BLOCK_BYTES / (2 * K));
+  const int64_t cap = std::max<int64_t>(MR, ROW_BLOCK_BYTES / x_bytes);
   const int64_t blocks = std::min((M + MR - 1) / MR, std::max((M + cap - 1) / cap, (threads + P - 1) / P));
   const int64_t block = ((M + blocks - 1) / blocks + MR - 1) / MR * MR;
   const int64_t num_blocks = (M + block - 1) / block;
   const int64_t panel_lines = steps * NV;  // 64-byte lines in one panel
+  const int64_t panel_values = steps * 2 * COLS;
   at::parallel_for(0, num_blocks * P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t rb = item / P, p = item % P;
       const int64_t r0 = rb * block, rn = std::min(block, M - r0);
       const int64_t tiles = (rn + MR - 1) / MR;
-      const __m512i* panel = wp + p * panel_lines;
-      const char* next = item + 1 < end ? reinterpret_cast<const char*>(wp + ((item + 1) % P) * panel_lines) : nullptr;
+      const bf16* panel = wp + p * panel_values;
+      const char* next = item + 1 < end ? reinterpret_cast<const char*>(wp + ((item + 1) % P) * panel_values) : nullptr;
       const int64_t ncols = std::min<int64_t>(per_panel, width - p * per_panel);
       int64_t m0 = r0, left = rn;
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t rows = (left + (tiles - t) - 1) / (tiles - t);  // nearly equal heights
         // this tile's share of the next panel's lines
         const int64_t la = panel_lines * t / tiles, lb = panel_lines * (t + 1) / tiles;
-        tile_rows(rows, xp + m0 * steps, steps, panel, steps, bp == nullptr ? nullptr : bp + p * COLS,
+        tile_rows(rows, xp + m0 * ldx, ldx, panel, steps, bp == nullptr ? nullptr : bp + p * COLS,
                   op + m0 * width + p * per_panel, width, ncols, next == nullptr ? nullptr : next + 64 * la,
                   next == nullptr ? 0 : lb - la, gated);
         m0 += rows;
@@ -199,14 +305,14 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, con
   return out;
 }
 
-#else  // no AVX512-BF16: Linear does not call these (bf16_kernels() is false)
+#else  // no vectors: Linear does not call these (bf16_kernels() is false)
 
 at::Tensor gemm_pack_weight(const at::Tensor&, bool) {
-  TORCH_CHECK(false, "the bf16 gemm needs a CPU with AVX512-BF16");
+  TORCH_CHECK(false, "the bf16 gemm needs a CPU with AVX2 or AVX-512");
   return {};
 }
 at::Tensor gemm(const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&, bool) {
-  TORCH_CHECK(false, "the bf16 gemm needs a CPU with AVX512-BF16");
+  TORCH_CHECK(false, "the bf16 gemm needs a CPU with AVX2 or AVX-512");
   return {};
 }
 

@@ -20,7 +20,7 @@
 
 #include <ATen/ATen.h>
 
-#include "simd.h"
+#include "vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -158,19 +158,40 @@ struct SmallParts {
   }
 };
 
+// The portable loop over every part whose rows per KV head (queries x group) are at most `max_rows`.
 template <typename scalar_t>
 void ragged_kernel(const scalar_t* q, const scalar_t* kv, const int64_t* q_ptr, const int64_t* q_rows,
                    const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos,
                    int64_t num_parts, int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
-                   float* out, float* lse) {
+                   float* out, float* lse, int64_t max_rows = std::numeric_limits<int64_t>::max()) {
+  std::vector<int64_t> parts;
+  for (int64_t p = 0; p < num_parts; ++p)
+    if ((q_ptr[p + 1] - q_ptr[p]) * (H / KVH) <= max_rows) parts.push_back(p);
+  const int64_t n_tasks = static_cast<int64_t>(parts.size()) * KVH;
 #pragma omp parallel
   {
     SmallParts<scalar_t> work{q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale,
                               out, lse};
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < num_parts * KVH; ++task) work.run(task / KVH, task % KVH);
+    for (int64_t task = 0; task < n_tasks; ++task) work.run(parts[task / KVH], task % KVH);
   }
 }
+
+}  // namespace
+
+#if defined(BATCHLLM_HAS_VEC)
+// attention_f32.cpp: parts of more than `min_rows` rows per KV head with fp32 arithmetic in vectors.
+template <typename T>
+bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t* q_rows, const int64_t* kv_ptr,
+                   const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos, int64_t num_parts,
+                   int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale, float* out,
+                   float* lse, int64_t min_rows);
+#endif
+
+namespace {
+
+// Parts of at most this many rows per KV head run in the portable loop on the fp32-arithmetic path.
+constexpr int64_t F32_SMALL_ROWS = 8;
 
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -203,8 +224,9 @@ inline __m512i bcast_pair(const at::BFloat16* row, int64_t p) {
   return _mm512_set1_epi32(reinterpret_cast<const int32_t*>(row)[p]);
 }
 
-using simd::exp2_512;
-using simd::exp512;
+template <int DEGREE = 6>
+inline __m512 exp2_512(__m512 x) { return vec::exp2<vec::V16, DEGREE>(vec::V16(x)).v; }
+inline __m512 exp512(__m512 x) { return vec::exp<vec::V16>(vec::V16(x)).v; }
 constexpr float LN2 = 0.69314718f, LOG2E = 1.44269504f;
 
 // Tasks of at most this many rows run in the scalar kernel (env BATCHLLM_SMALL_ROWS overrides, for measuring).
@@ -786,9 +808,17 @@ std::vector<at::Tensor> ragged_attention(at::Tensor q, at::Tensor kv, at::Tensor
   }
 #endif
   if (q.scalar_type() == at::ScalarType::BFloat16) {
+    int64_t max_rows = std::numeric_limits<int64_t>::max();
+#if defined(BATCHLLM_HAS_VEC)
+    if (f32_attention<at::BFloat16>(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), ptrs[0], ptrs[1],
+                                    ptrs[2], ptrs[3], ptrs[4], ptrs[5], P, H, QS, KVH, D, S, window,
+                                    static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>(),
+                                    F32_SMALL_ROWS))
+      max_rows = F32_SMALL_ROWS;
+#endif
     ragged_kernel<at::BFloat16>(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), ptrs[0], ptrs[1], ptrs[2],
                                 ptrs[3], ptrs[4], ptrs[5], P, H, QS, KVH, D, S, window, static_cast<float>(scale),
-                                out.data_ptr<float>(), lse.data_ptr<float>());
+                                out.data_ptr<float>(), lse.data_ptr<float>(), max_rows);
   } else {
     TORCH_CHECK(q.scalar_type() == at::ScalarType::Float, "ragged_attention takes bf16 or fp32");
     ragged_kernel<float>(q.data_ptr<float>(), kv.data_ptr<float>(), ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4],
