@@ -24,8 +24,16 @@ MODEL_SHAPES: dict[str, dict] = {
 }
 
 
+REAL_MODELS = {"smollm2": "smollm2-135m-instruct"}  # the trained models, by their batchllm.hub names
+
+
 def ensure_model(size: str = "56m", root: Path = MODELS_DIR) -> Path:
-    """Return the folder of benchmark model `size`, building it first if missing (atomic rename into place)."""
+    """Return the folder of benchmark model `size`, building it first if missing (atomic rename into place); a real
+    model (REAL_MODELS) is fetched and converted to an fp32 HF folder once (batchllm.hub)."""
+    if size in REAL_MODELS:
+        from batchllm.hub import resolve_model
+
+        return resolve_model(REAL_MODELS[size], "float32")
     if size not in MODEL_SHAPES:
         raise ValueError(f"unknown model size {size!r}; expected one of {sorted(MODEL_SHAPES)}")
     target = root / f"llama-{size}"

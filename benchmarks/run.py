@@ -22,13 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import summary, workloads
-from benchmarks.models import REPO, ensure_model, matmul_params
+from benchmarks import real_workloads, summary, workloads
+from benchmarks.models import MODEL_SHAPES, REAL_MODELS, REPO, ensure_model, matmul_params
 
 PEERS = REPO / ".cache" / "peers"
 RESULTS = REPO / "bench-results"
 BENCH = REPO / "benchmarks"
-ENGINES = ("batchllm", "batchllm-fcfs-cache", "batchllm-lpm-cache", "batchllm-fcfs", "vllm", "hf")
+ENGINES = ("batchllm", "batchllm-fcfs-cache", "batchllm-lpm-cache", "batchllm-fcfs", "vllm", "vllm-fp32", "hf")
+ALL_WORKLOADS = workloads.WORKLOAD_NAMES + real_workloads.REAL_WORKLOAD_NAMES
 # --quick compares the default policy with the peers; the other policies (ablations) run in the full invocation or
 # when named with --engines.
 QUICK_ENGINES = ("batchllm", "vllm", "hf")
@@ -43,13 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workloads", default=",".join(workloads.WORKLOAD_NAMES), help="comma-separated")
     ap.add_argument("--engines", default=None,
                     help=f"comma-separated, from {ENGINES} (default: all; with --quick: {','.join(QUICK_ENGINES)})")
-    ap.add_argument("--model-size", default="56m", choices=["56m", "0.5b"])
+    ap.add_argument("--model-size", default="56m", choices=[*MODEL_SHAPES, *REAL_MODELS],
+                    help="a random-weight shape, or smollm2 (the real SmolLM2-135M-Instruct; use it with the real "
+                         f"workloads {','.join(real_workloads.REAL_WORKLOAD_NAMES)})")
     ap.add_argument("--reference", default="hf", help="engine whose greedy outputs the others are compared to")
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="every engine's dtype (float32 for an exact cross-check of greedy outputs)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "auto"],
+                    help="every engine's dtype (float32 for an exact cross-check of greedy outputs); auto: batchllm's "
+                         "own choice for this CPU, bf16 for the peers (vllm-fp32 runs vLLM in fp32)")
     ap.add_argument("--timeout", type=float, default=1200,
                     help="seconds per runner invocation (workloads it finished before are kept)")
     ap.add_argument("--seed", type=int, default=0)
@@ -67,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     for w in args.workloads:
-        if w not in workloads.WORKLOAD_NAMES:
-            ap.error(f"unknown workload {w!r}; expected one of {workloads.WORKLOAD_NAMES}")
+        if w not in ALL_WORKLOADS:
+            ap.error(f"unknown workload {w!r}; expected one of {ALL_WORKLOADS}")
     return args
 
 
@@ -109,13 +113,22 @@ def engine_command(engine: str, args: argparse.Namespace) -> tuple[list[str], di
         policy = engine[len("batchllm-"):] if engine != "batchllm" else "batchllm"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         return [str(py), str(BENCH / "run_batchllm.py"), "--policy", policy], env
-    py = PEERS / engine / "bin" / "python"
-    if not (PEERS / engine / ".installed").is_file():
-        return f"peer venv missing: run benchmarks/setup_peers.sh {engine}"
-    if engine == "vllm":
+    venv = engine.removesuffix("-fp32")
+    py = PEERS / venv / "bin" / "python"
+    if not (PEERS / venv / ".installed").is_file():
+        return f"peer venv missing: run benchmarks/setup_peers.sh {venv}"
+    if venv == "vllm":
         env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
         return [str(py), str(BENCH / "peers" / "run_vllm.py")], env
     return [str(py), str(BENCH / "peers" / "run_hf.py"), "--batch-size", str(args.hf_batch_size)], env
+
+
+def engine_dtype(engine: str, dtype: str) -> str:
+    """The dtype an engine runs: `dtype`, except that "auto" is batchllm's to resolve (per CPU) and bf16 for a peer,
+    and a "-fp32" peer always runs float32."""
+    if engine.endswith("-fp32"):
+        return "float32"
+    return "bfloat16" if dtype == "auto" and not engine.startswith("batchllm") else dtype
 
 
 def run_engine(engine: str, paths: dict[str, Path], loads: dict[str, dict], model: Path, kv_default: int,
@@ -137,7 +150,7 @@ def run_engine(engine: str, paths: dict[str, Path], loads: dict[str, dict], mode
     for budget, names in by_budget.items():
         argv = prefix + ["--model", str(model), "--out-dir", str(run_dir / "raw"), "--label", engine,
                          "--threads", str(args.threads), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-                         "--default-kv-bytes", str(kv_default), "--dtype", args.dtype]
+                         "--default-kv-bytes", str(kv_default), "--dtype", engine_dtype(engine, args.dtype)]
         for name in names:
             argv += ["--workload", str(paths[name])]
         log_path = run_dir / "logs" / f"{engine}__{'+'.join(names)}.log"
@@ -180,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     model = ensure_model(args.model_size)
     config = json.loads((model / "config.json").read_text(encoding="utf-8"))
     space = workloads.token_space_from_model(model)
-    per_tok = workloads.kv_bytes_per_token(config, dtype_bytes=2 if args.dtype == "bfloat16" else 4)
-    loads = {name: workloads.make_workload(name, space, quick=args.quick, kv_bytes_per_tok=per_tok, seed=args.seed)
+    per_tok = workloads.kv_bytes_per_token(config, dtype_bytes=4 if args.dtype == "float32" else 2)
+    loads = {name: real_workloads.make_real_workload(name, model, quick=args.quick, seed=args.seed)
+             if name in real_workloads.REAL_WORKLOAD_NAMES else
+             workloads.make_workload(name, space, quick=args.quick, kv_bytes_per_tok=per_tok, seed=args.seed)
              for name in args.workloads}
     kv_default = default_kv_bytes(list(loads.values()), per_tok)
     for w in loads.values():  # every engine gets the same budget, written into the file it reads
@@ -210,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     reference = args.reference if args.reference in args.engines else None
     rows = summary.build_rows(results, args.workloads, args.engines, reference, peak, layer_params, head_params)
     table = summary.to_markdown(rows, reference)
+    from batchllm.machine import cpu_name, selected_isa
+
     header = (f"# batchllm vs peers ({'quick' if args.quick else 'full'}, model {model.name}, {args.dtype}, "
-              f"{args.threads} threads)\n\n"
+              f"{args.threads} threads)\n\nCPU {cpu_name()}; batchllm's kernel path {selected_isa()}. "
               f"bf16 matmul peak: {peak_before / 1e9:.0f} GFLOP/s before, {peak_after / 1e9:.0f} after (max used). "
               f"Default KV budget {kv_default / 2**20:.0f} MiB (tight-kv: its own). "
               f"Load average at end: {os.getloadavg()[0]:.1f}. Wall {time.perf_counter() - t_start:.0f}s.\n\n")

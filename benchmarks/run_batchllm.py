@@ -23,11 +23,11 @@ def _extra_args(ap) -> None:
     ap.add_argument("--block-size", type=int, default=16)
 
 
-def run(llm, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
-    """Greedy generation with EOS ignored; returns the output token ids in input order."""
+def run(llm, prompts: list[list[int]], max_tokens: list[int], ignore_eos: bool = True) -> list[list[int]]:
+    """Greedy generation (EOS ignored unless `ignore_eos` is False); returns the output token ids in input order."""
     from batchllm import SamplingParams
 
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=ignore_eos) for m in max_tokens]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
@@ -59,14 +59,17 @@ def main() -> None:
     config = {"policy": args.policy, "dtype": args.dtype, "kv_cache_memory_bytes": kv_bytes,
               "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
               "threads": args.threads, "torch": torch.__version__}
+    from batchllm import machine
+
     llm = LLM(args.model, dtype=args.dtype, kv_cache_memory_bytes=kv_bytes, block_size=args.block_size,
               max_num_batched_tokens=args.max_num_batched_tokens, seed=0, policy=args.policy)
+    config["machine"] = machine.describe(llm.device, llm.dtype)
     warm = common.warmup_prompts(workloads[0])
     run(llm, warm, [4] * len(warm))
     for w in workloads:
         common.log(f"batchllm[{args.policy}]: {w['name']} ({len(w['prompts'])} prompts)")
         with common.Timer() as t:
-            outs = run(llm, w["prompts"], w["max_tokens"])
+            outs = run(llm, w["prompts"], w["max_tokens"], w.get("ignore_eos", True))
         stats = _summary(llm.stats())
         record = common.make_result(args.label, config, w, t.seconds, outs,
                                     computed_prompt_tokens=stats.get("computed_prompt_tokens"),

@@ -165,3 +165,20 @@ def test_cpu_kv_cache_commit_writes_its_pages_now_and_lazy_does_not(tiny_llama):
     assert lazy < total // 8
     assert committed >= total * 9 // 10
     assert first_write >= layer * 9 // 10  # the lazy cache's pages arrive on first write
+
+
+def test_a_half_dtype_without_a_fast_path_runs_float32_and_says_so(tiny_llama, monkeypatch, capsys):
+    """On the portable kernel path bf16 would run torch's reference kernels (orders of magnitude slower on CPUs
+    without native bf16): the engine runs fp32 and says why, once; fp16 has no CPU fast path anywhere."""
+    from batchllm.model import cpu_kernels
+
+    cpu_kernels._say_once.cache_clear()
+    monkeypatch.setenv("BATCHLLM_ISA", "portable")
+    assert LLM(str(tiny_llama), dtype="bfloat16", kv_cache_memory_bytes=1 << 20).dtype == torch.float32
+    assert LLM(str(tiny_llama), dtype="bfloat16", kv_cache_memory_bytes=1 << 20).dtype == torch.float32
+    assert LLM(str(tiny_llama), kv_cache_memory_bytes=1 << 20).dtype == torch.float32  # auto
+    err = capsys.readouterr().err
+    assert err.count("bfloat16 has no fast path on this CPU (kernel path portable); running float32") == 1
+    monkeypatch.delenv("BATCHLLM_ISA")
+    assert LLM(str(tiny_llama), dtype="float16", kv_cache_memory_bytes=1 << 20).dtype == torch.float32
+    assert "float16 has no fast path" in capsys.readouterr().err

@@ -150,7 +150,8 @@ def local_pass(args: argparse.Namespace, pending: Pending, validator: Validator,
         run_windows(llm, args.input, pending, validator, writer, totals, args.window, served_model_name(args), progress)
     finally:
         progress.close()
-    return t_gen, {}
+    engine = getattr(llm, "engine", None)
+    return t_gen, {"machine": engine.describe()} if engine is not None else {}
 
 
 def execute_job(args: argparse.Namespace, pass2: Pass2 | None = None) -> dict:

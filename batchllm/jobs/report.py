@@ -97,6 +97,9 @@ def format_summary(s: dict) -> str:
     ]
     if s.get("kv_blocks_total"):
         lines.append(f"KV: peak {s['peak_kv_blocks']}/{s['kv_blocks_total']} blocks, {s['preemptions']} preemptions")
+    if s.get("machine"):
+        m = s["machine"]
+        lines.append(f"machine: {m['cpu']}, kernel path {m['isa']}, {m.get('device', '?')}, {m.get('dtype', '?')}")
     if s.get("ray"):
         ray = s["ray"]
         single = ray["plan_prompt_tokens_single_machine"]

@@ -88,6 +88,21 @@ def load_fused_ops(dtype, device):
 
 def run_dtype(dtype, device):
     """The torch dtype of a run on `device` (see `machine.resolve_dtype`): "auto" is bf16 where the selected kernel
-    path has the bf16 kernels (so bf16 beats fp32 on this CPU) and on CUDA, else fp32."""
-    auto_cpu = dtype == "auto" and getattr(device, "type", str(device)) == "cpu"
-    return resolve_dtype(dtype, device, bf16_fast=auto_cpu and has_bf16_kernels())
+    path has the bf16 kernels (so bf16 beats fp32 on this CPU) and on CUDA, else fp32. On a CPU, a half-precision
+    dtype with no fast path here (fp16 always; bf16 without the kernels) would run torch's reference kernels, orders
+    of magnitude slower: it runs fp32 instead, said once."""
+    import torch
+
+    cpu = getattr(device, "type", str(device)) == "cpu"
+    fast = cpu and has_bf16_kernels()
+    resolved = resolve_dtype(dtype, device, bf16_fast=dtype == "auto" and fast)
+    if cpu and resolved in (torch.float16, torch.bfloat16) and not (resolved == torch.bfloat16 and fast):
+        _say_once(f"batchllm: {str(resolved).removeprefix('torch.')} has no fast path on this CPU (kernel path "
+                  f"{selected_isa()}{', kernels not built' if load_cpu_kernels() is None else ''}); running float32")
+        return torch.float32
+    return resolved
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    print(message, file=sys.stderr)

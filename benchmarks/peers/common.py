@@ -26,7 +26,7 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     ap.add_argument("--label", required=True, help="engine label used in the result file names and the table")
     ap.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "auto"])
     ap.add_argument("--default-kv-bytes", type=int, default=1 << 30,
                     help="KV budget for workloads that do not fix their own")
     if extra is not None:

@@ -19,8 +19,10 @@ def _extra_args(ap) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
 
 
-def generate_all(model, prompts: list[list[int]], max_tokens: list[int], batch_size: int, pad_id: int):
-    """Greedy outputs (token ids) for every prompt, plus the padded prompt and decode tokens computed."""
+def generate_all(model, prompts: list[list[int]], max_tokens: list[int], batch_size: int, pad_id: int,
+                 ignore_eos: bool = True):
+    """Greedy outputs (token ids) for every prompt, plus the padded prompt and decode tokens computed. Without
+    `ignore_eos` each output ends at its first EOS (included), as the other engines' do."""
     import torch
 
     outputs: list[list[int]] = []
@@ -37,10 +39,17 @@ def generate_all(model, prompts: list[list[int]], max_tokens: list[int], batch_s
             mask[row, width - len(p):] = 1
         new = max(limits)
         with torch.inference_mode():
-            seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                  do_sample=False, pad_token_id=pad_id, num_beams=1)  # [B, L + new]
-        gen = seqs[:, width:].tolist()  # [B, new]
-        outputs.extend(g[:m] for g, m in zip(gen, limits))
+            seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                  min_new_tokens=new if ignore_eos else 0, do_sample=False, pad_token_id=pad_id,
+                                  num_beams=1)  # [B, L + new]
+        gen = seqs[:, width:].tolist()  # [B, <= new]
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        for g, m in zip(gen, limits):
+            g = g[:m]
+            if not ignore_eos:
+                g = g[: next((i + 1 for i, t in enumerate(g) if t in eos), len(g))]
+            outputs.append(g)
         padded_prompt += len(batch) * width
         padded_decode += len(batch) * new
     return outputs, padded_prompt, padded_decode
@@ -67,7 +76,7 @@ def main() -> None:
         common.log(f"hf: {w['name']} ({len(w['prompts'])} prompts)")
         with common.Timer() as t:
             outs, padded_prompt, padded_decode = generate_all(model, w["prompts"], w["max_tokens"], args.batch_size,
-                                                              pad_id)
+                                                              pad_id, w.get("ignore_eos", True))
         record = common.make_result("hf", config, w, t.seconds, outs, computed_prompt_tokens=padded_prompt,
                                     extra={"decode_tokens_computed": padded_decode, "kv_cache_memory_bytes": None})
         common.write_result(args.out_dir, args.label, record)

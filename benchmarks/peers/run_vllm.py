@@ -28,12 +28,17 @@ def _engine_env(threads: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
-def run(llm, prompts: list[list[int]], max_tokens: list[int]):
-    """Greedy generation with EOS ignored; returns (outputs as token ids, cached prompt tokens) in input order."""
+def run(llm, prompts: list[list[int]], max_tokens: list[int], ignore_eos: bool = True,
+        stop_token_ids: list[int] | None = None):
+    """Greedy generation (EOS ignored unless `ignore_eos` is False); returns (outputs as token ids, cached prompt
+    tokens) in input order."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, detokenize=False) for m in max_tokens]
+    # without a tokenizer (skip_tokenizer_init) vLLM knows no EOS: the workload names it
+    stops = None if ignore_eos else stop_token_ids
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=ignore_eos, stop_token_ids=stops,
+                             detokenize=False) for m in max_tokens]
     reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     outs = llm.generate(reqs, params, use_tqdm=False)
     token_ids = [list(o.outputs[0].token_ids) for o in outs]
@@ -76,7 +81,7 @@ def main() -> None:
         llm.reset_prefix_cache()
         common.log(f"vllm: {w['name']} ({len(w['prompts'])} prompts)")
         with common.Timer() as t:
-            outs, cached = run(llm, w["prompts"], w["max_tokens"])
+            outs, cached = run(llm, w["prompts"], w["max_tokens"], w.get("ignore_eos", True), w.get("stop_token_ids"))
         prompt_tokens = sum(len(p) for p in w["prompts"])
         record = common.make_result("vllm", config, w, t.seconds, outs, computed_prompt_tokens=prompt_tokens - cached,
                                     extra={"kv_cache_memory_bytes": kv_bytes, "cached_prompt_tokens": cached})
