@@ -24,8 +24,11 @@ class SequenceSet:
 
 
 def build_sequences(plan: PrefixPlan, prompts: Sequence[list[int]], max_tokens: Sequence[int],
-                    request_index: Sequence[int], sample_index: Sequence[int], policy: str) -> SequenceSet:
-    """Sequences for the planned prompts (prompt j is sample `sample_index[j]` of request `request_index[j]`)."""
+                    request_index: Sequence[int], sample_index: Sequence[int], policy: str,
+                    prompt_logprobs: Sequence[tuple[int, int] | None] | None = None) -> SequenceSet:
+    """Sequences for the planned prompts (prompt j is sample `sample_index[j]` of request `request_index[j]`).
+    `prompt_logprobs[j]`: (k, first token position) when prompt j wants prompt logprobs; the rows that compute them
+    are marked on its leaf and on every node above it (a shared position's logprobs are computed once)."""
     bs = plan.block_size
     nodes: list[Seq] = []
     for node in plan.nodes:
@@ -48,6 +51,12 @@ def build_sequences(plan: PrefixPlan, prompts: Sequence[list[int]], max_tokens: 
         if parent is not None:
             parent.children.append(leaf)
         leaves.append(leaf)
+        want = prompt_logprobs[j] if prompt_logprobs is not None else None
+        if want is not None:
+            k, first = want
+            for s in (leaf, *leaf.ancestors()):  # the row at position p gives token p + 1's logprob
+                s.lp_from = min(s.lp_from, max(s.start, first - 1))
+                s.lp_k = max(s.lp_k, k)
     for n in nodes:
         n.pending_children = len(n.children)
     for g, members in enumerate(plan.groups):

@@ -39,7 +39,8 @@ class Request:
     samples: list[LeafOutput] = field(default_factory=list)
     pending: int = 0
 
-    def output(self) -> RequestOutput:
+    def output(self, prompt_lps: dict[int, dict] | None = None) -> RequestOutput:
+        """The request's output; `prompt_lps`: the run's prompt-logprob rows (seq_id -> position -> row)."""
         if self.error is not None:
             return RequestOutput(request_id=str(self.index), prompt=self.prompt, prompt_token_ids=self.prompt_ids,
                                  outputs=[CompletionOutput(0, "", [], "error")], finished=True, error=self.error)
@@ -49,7 +50,27 @@ class Request:
             error = "the request could not be scheduled within the KV cache budget"
         return RequestOutput(request_id=str(self.index), prompt=self.prompt, prompt_token_ids=self.prompt_ids,
                              outputs=outs, num_cached_tokens=self.leaves[0].num_cached_tokens, finished=True,
-                             error=error)
+                             error=error, prompt_logprobs=self._prompt_logprobs(prompt_lps) if error is None else None)
+
+    def _prompt_logprobs(self, rows: dict[int, dict] | None) -> list[dict[int, float] | None] | None:
+        """Per prompt position j, the row at position j - 1 of whichever sequence holds it (a shared node's rows
+        serve every request below it): the logprob of token j, and the top tokens."""
+        if self.params.prompt_logprobs is None or rows is None:
+            return None
+        chain = [*self.leaves[0].ancestors(), self.leaves[0]]
+        first = self.params.prompt_logprobs_from
+        out: list[dict[int, float] | None] = []
+        for j, token in enumerate(self.prompt_ids):
+            if j == 0 or j < first:
+                out.append(None)
+                continue
+            holder = next(s for s in reversed(chain) if s.start <= j - 1)
+            row = rows[holder.seq_id][j - 1]
+            entry = {token: row.logprobs[token]}
+            for t, v in row.top:
+                entry.setdefault(t, v)
+            out.append(entry)
+        return out
 
 
 class BatchRun:
@@ -62,6 +83,7 @@ class BatchRun:
         self.stats = RunStats(num_requests=len(requests), kv_blocks_total=cfg.kv_cache_blocks, policy=cfg.policy)
         self.scheduler = Scheduler(cfg, max_num_seqs=engine.args.max_num_seqs)
         self._leaf: dict[int, tuple[Request, int]] = {}  # leaf seq_id -> (request, sample index)
+        self._prompt_lps: dict[int, dict] = {}  # seq_id -> position -> PromptLogprobRow
         self._start = time.perf_counter()
         runnable = [r for r in requests if r.error is None]
         self.stats.num_errors = len(requests) - len(runnable)
@@ -72,8 +94,10 @@ class BatchRun:
         flat = [(r, k) for r in requests for k in range(r.params.n)]
         prompts = [r.prompt_ids for r, _ in flat]
         plan = plan_batch(prompts, self.engine.config.block_size, mode=self.engine.args.plan)
+        want = [None if r.params.prompt_logprobs is None else (r.params.prompt_logprobs, r.params.prompt_logprobs_from)
+                for r, _ in flat]
         seqs = build_sequences(plan, prompts, [r.params.max_tokens for r, _ in flat], [r.index for r, _ in flat],
-                               [k for _, k in flat], self.engine.config.policy)
+                               [k for _, k in flat], self.engine.config.policy, want)
         self.stats.plan = plan.stats.to_dict()
         self.stats.prompt_tokens = sum(len(r.prompt_ids) for r in requests)
         for (req, k), leaf in zip(flat, seqs.leaves):
@@ -90,7 +114,10 @@ class BatchRun:
                 yield req.index, req.output()
         while self.scheduler.has_work():
             for req in self.step():
-                yield req.index, req.output()
+                yield req.index, req.output(self._prompt_lps)
+                if req.params.prompt_logprobs is not None:
+                    for leaf in req.leaves:
+                        self._prompt_lps.pop(leaf.seq_id, None)
         self.stats.elapsed_s = time.perf_counter() - self._start
 
     # ------------------------------------------------------------------ step
@@ -101,10 +128,18 @@ class BatchRun:
             return self._fail_stuck()
         rows = [SampleRow(s, self._leaf[s.seq_id][0].params, self._seed(s))
                 for i, s in enumerate(plan.seqs) if plan.samples(i)]
-        result = self.engine.runner.execute(plan, rows)
+        result, prompt_lps = self.engine.runner.execute(plan, rows)
+        for row in prompt_lps:
+            self._prompt_lps.setdefault(row.seq.seq_id, {})[row.position] = row
         self.scheduler.commit(plan)
         self._account(plan, len(rows))
         finished = []
+        for seq in plan.seqs:  # scored prompts (max_tokens 0) end once computed, with nothing generated
+            if not seq.is_node and seq.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens:
+                req, k = self._leaf[seq.seq_id]
+                req.samples[k].finish(seq, "length")
+                if self._finish_leaf(seq):
+                    finished.append(req)
         if result is not None:
             for row, tok, lp, top in zip(rows, result.token_ids, result.logprobs, result.top_logprobs):
                 row.seq.token_ids.append(tok)

@@ -10,6 +10,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/run.py
         return _bench([a for a in argv[1:] if a != "--"])
+    if argv[:1] == ["eval"]:  # lm-evaluation-harness's command line, with --model batchllm available
+        try:
+            from batchllm.lm_eval_backend import main as eval_main
+        except ImportError as e:
+            print(f"batchllm eval needs lm-evaluation-harness: pip install 'batchllm[eval]' ({e})", file=sys.stderr)
+            return 2
+        return eval_main(argv[1:])
     parser = argparse.ArgumentParser(prog="batchllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -31,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     EngineArgs.add_cli_args(p.add_argument_group("engine"), defaults={"kv_cache_memory_bytes": 512 << 20})
 
+    sub.add_parser("eval", help="lm-evaluation-harness with `--model batchllm` (lm_eval's flags; needs "
+                                "pip install 'batchllm[eval]')")
     sub.add_parser("bench", help="benchmark against peers: `batchllm bench --quick` runs `python -m benchmarks.run "
                                  "--quick` from a source checkout (see benchmarks/README.md)")
 

@@ -81,6 +81,72 @@ class LLM:
                                           "'content': ...} messages") for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    # -------------------------------------------------------------------- scoring (lm-evaluation-harness terms)
+    def loglikelihood(self, requests: Sequence[tuple[str | Sequence[int], str | Sequence[int]]],
+                      use_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """For each (context, continuation): the sum of the continuation's token logprobs given the context, and
+        whether every continuation token is the greedy one. Strings are tokenized as lm-eval's HF backend does
+        (the tokenizer's special tokens in front; whitespace at the end of the context moves to the continuation,
+        whose tokens are those of context + continuation past the context's; an empty context is the bos, or the
+        eos without one); token lists are used as given. Only continuation positions reach the lm_head, nothing
+        is sampled, and contexts shared by several requests (the choices of a question, a few-shot prefix) are
+        computed once through the prefix plan."""
+        return self.score_tokens([self._encode_pair(c, x) for c, x in requests], use_tqdm)
+
+    def score_tokens(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                     use_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """`loglikelihood` over token ids: (sum of logprobs of `continuation` after `context`, all greedy)."""
+        prompts, params = [], []
+        for context, continuation in pairs:
+            if not continuation:
+                raise ValueError("a continuation needs at least one token")
+            context = list(context) or [self._prefix_token()]
+            prompts.append({"prompt_token_ids": context + list(continuation)})
+            params.append(SamplingParams(max_tokens=0, prompt_logprobs=1, prompt_logprobs_from=len(context)))
+        results = []
+        for (context, continuation), out in zip(pairs, self.generate(prompts, params, use_tqdm)):
+            if out.error is not None:
+                raise ValueError(f"cannot score a context of {len(context)} and a continuation of "
+                                 f"{len(continuation)} tokens: {out.error}")
+            lps = out.prompt_logprobs[len(out.prompt_token_ids) - len(continuation):]
+            total = sum(e[t] for e, t in zip(lps, continuation))
+            greedy = all(max(e, key=e.get) == t for e, t in zip(lps, continuation))
+            results.append((total, greedy))
+        return results
+
+    def loglikelihood_rolling(self, texts: Sequence[str | Sequence[int]], use_tqdm: bool = False) -> list[float]:
+        """Each text's total logprob (its first token given the bos, or the eos where the tokenizer has no bos),
+        scored in disjoint windows that fill the model's context, each window seeing the token before it."""
+        window = self.model_config.max_model_len - 1
+        pairs, owner = [], []
+        for i, text in enumerate(texts):
+            ids = list(text) if not isinstance(text, str) else list(self.tokenizer(text)["input_ids"])
+            previous = [self._prefix_token()]
+            for start in range(0, len(ids), window):
+                pairs.append((previous, ids[start:start + window]))
+                owner.append(i)
+                previous = ids[start + window - 1:start + window]
+        totals = [0.0] * len(texts)
+        for i, (lp, _) in zip(owner, self.score_tokens(pairs, use_tqdm)):
+            totals[i] += lp
+        return totals
+
+    def _prefix_token(self) -> int:
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def _encode_pair(self, context, continuation) -> tuple[list[int], list[int]]:
+        if isinstance(context, str) and isinstance(continuation, str):
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            whole = self.tokenizer(context + continuation)["input_ids"]
+            ctx = self.tokenizer(context)["input_ids"] if context else []
+            return list(ctx), list(whole[len(ctx):])
+        return ([*self.tokenizer(context)["input_ids"]] if isinstance(context, str) else list(context),
+                [*self.tokenizer(continuation, add_special_tokens=False)["input_ids"]]
+                if isinstance(continuation, str) else list(continuation))
+
     def generate_stream(self, prompts: Iterable[Prompt], sampling_params=None) -> Iterator[tuple[int, RequestOutput]]:
         """Run the batch, yielding (input index, output) as each request finishes."""
         prompts = list(prompts)

@@ -34,6 +34,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     finished: bool = True
     error: str | None = None
+    # with SamplingParams(prompt_logprobs=k): per prompt position, {token: logprob} of the actual token and the k
+    # most likely ones (None at position 0 and before prompt_logprobs_from)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 def check_stop(seq: Sequence, token: int, params: SamplingParams, eos_token_ids: frozenset[int],

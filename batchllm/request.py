@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+NO_LOGPROBS = 1 << 62  # lp_from of a sequence none of whose positions needs prompt logprobs
+
 
 class Status(Enum):
     WAITING = "waiting"
@@ -32,7 +34,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "token_ids", "start", "parent", "is_node", "num_prompt_tokens", "num_computed_tokens", "blocks",
         "status", "children", "pending_children", "request_index", "sample_index", "max_tokens", "group",
-        "block_hashes", "num_cached_tokens", "num_preemptions", "admitted_step",
+        "block_hashes", "num_cached_tokens", "num_preemptions", "admitted_step", "lp_from", "lp_k",
     )
 
     def __init__(self, seq_id: int, token_ids: list[int], start: int, parent: Sequence | None, is_node: bool,
@@ -56,6 +58,10 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens whose KV came from elsewhere (a shared node or the cache)
         self.num_preemptions = 0
         self.admitted_step = -1
+        # prompt logprobs: the rows at positions >= lp_from (below the last prompt position of a leaf; every position
+        # of a node) go through the lm_head, with the lp_k most likely tokens; NO_LOGPROBS: none
+        self.lp_from = NO_LOGPROBS
+        self.lp_k = 0
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +74,15 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def lp_last(self) -> int:
+        """The last position whose row gives a prompt logprob: a node's last (it predicts its children's first
+        tokens), a leaf's last but one prompt position (its last predicts the output)."""
+        return self.num_tokens - 1 if self.is_node else self.num_prompt_tokens - 2
+
+    def wants_prompt_logprobs(self, row_position: int) -> bool:
+        return self.lp_from <= row_position <= self.lp_last
 
     def block_table(self) -> list[int]:
         """All blocks holding this sequence's KV from position 0, ancestors first."""

@@ -38,8 +38,9 @@ class ModelRunner:
         self.device = kv.device
         self.eos_token_id = eos_token_id
 
-    def build_batch(self, plan: StepPlan) -> ForwardBatch:
-        """Pack the plan into one ForwardBatch; logits are wanted for the last row of each sampling leaf."""
+    def build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, list[tuple[Sequence, int]]]:
+        """Pack the plan into one ForwardBatch. Its logits rows are the last row of each sampling leaf (in plan
+        order), then every row whose position wants prompt logprobs, listed as (sequence, position)."""
         bs = self.kv.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -48,6 +49,8 @@ class ModelRunner:
         shared: dict[int, tuple[Sequence, list[int]]] = {}
         row = 0
         logits_rows = []
+        lp_rows: list[int] = []
+        lp_of: list[tuple[Sequence, int]] = []
         all_rows = np.arange(plan.num_tokens, dtype=np.int64)  # [T]; each part's rows are a view of it
         for seq, n in zip(plan.seqs, plan.num_new):
             c = seq.num_computed_tokens
@@ -70,9 +73,14 @@ class ModelRunner:
                     entry[1].append(row)
                 else:
                     entry[1].extend(range(row, row + n))
+            if seq.lp_from <= c + n - 1 and seq.lp_last >= c:  # rows of positions that give prompt logprobs
+                for p in range(max(c, seq.lp_from), min(c + n - 1, seq.lp_last) + 1):
+                    lp_rows.append(row + p - c)
+                    lp_of.append((seq, p))
             row += n
-            if c + n == seq.num_tokens and not seq.is_node:
+            if c + n == seq.num_tokens and not seq.is_node and seq.max_tokens > 0:
                 logits_rows.append(row - 1)
+        logits_rows += lp_rows
         for node, rows in shared.values():
             parts.append(AttnPart(np.asarray(rows, dtype=np.int64), node.blocks, node.start,
                                   node.num_tokens - node.start))
@@ -92,7 +100,7 @@ class ModelRunner:
             attn=attn,
             logits_rows=torch.tensor(logits_rows, dtype=torch.int64, device=dev),  # [B]
             attn_last=None if attn_last[self.model.windows[0]] is None else attn_last,
-        )
+        ), lp_of
 
     def _logits_attention(self, parts: list[AttnPart], positions: np.ndarray, logits_rows: np.ndarray,
                           window: int) -> AttentionMetadata | None:
@@ -113,12 +121,15 @@ class ModelRunner:
         return AttentionMetadata.build(kept, positions[logits_rows], no_write, self.kv.block_size, self.device,
                                        sliding_window=window or None, dtype=self.model.dtype)
 
-    def execute(self, plan: StepPlan, rows: list[SampleRow]) -> SampleResult | None:
-        """Run the step's forward pass and sample one token for each of `rows` (the plan's sampling leaves)."""
-        batch = self.build_batch(plan)
-        logits = self.model(batch, self.kv.layers)  # [B, V]
+    def execute(self, plan: StepPlan, rows: list[SampleRow]) -> tuple[SampleResult | None, list[PromptLogprobRow]]:
+        """Run the step's forward pass, sample one token for each of `rows` (the plan's sampling leaves), and compute
+        the prompt logprobs of the rows that want them."""
+        batch, lp_of = self.build_batch(plan)
+        hidden = self.model(batch, self.kv.layers)  # [B + P, hidden]
+        prompt_lps = self._prompt_logprobs(hidden[len(rows):], lp_of) if lp_of else []
         if not rows:
-            return None
+            return None, prompt_lps
+        logits = self.model.logits(hidden[:len(rows)])  # [B, V]
         need_prompt = any(r.params.repetition_penalty != 1.0 for r in rows)
         sbatch = SamplingBatch.build(
             params=[r.params for r in rows],
@@ -130,4 +141,48 @@ class ModelRunner:
             vocab_size=logits.shape[-1],
             device=self.device,
         )
-        return sample(logits, sbatch)
+        return sample(logits, sbatch), prompt_lps
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, lp_of: list[tuple[Sequence, int]]) -> list[PromptLogprobRow]:
+        """log-softmax (fp32) of the rows' logits, in chunks of LP_CHUNK rows (a chunk's logits are [rows, vocab]):
+        per row its k most likely tokens and the logprobs of the tokens that follow its position (a node's last
+        position: each child's first token)."""
+        out: list[PromptLogprobRow] = []
+        for start in range(0, len(lp_of), LP_CHUNK):
+            chunk = lp_of[start:start + LP_CHUNK]
+            lsm = torch.log_softmax(self.model.logits(hidden[start:start + len(chunk)]).float(), dim=-1)  # [C, V]
+            targets = [_next_tokens(seq, p) for seq, p in chunk]
+            flat_rows = [i for i, t in enumerate(targets) for _ in t]
+            flat_ids = [tok for t in targets for tok in t]
+            picked = lsm[torch.tensor(flat_rows), torch.tensor(flat_ids)].tolist()  # [N]
+            k = max(seq.lp_k for seq, _ in chunk)
+            top_vals, top_ids = (torch.topk(lsm, k, dim=-1) if k else (lsm[:, :0], lsm[:, :0].long()))
+            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+            at = 0
+            for i, ((seq, p), t) in enumerate(zip(chunk, targets)):
+                lps = dict(zip(t, picked[at:at + len(t)]))
+                at += len(t)
+                top = list(zip(top_ids[i][:seq.lp_k], top_vals[i][:seq.lp_k]))
+                out.append(PromptLogprobRow(seq, p, lps, top))
+        return out
+
+
+LP_CHUNK = 256  # prompt-logprob rows whose logits are materialized at once (256 x a 152k vocab = 150 MB fp32)
+
+
+@dataclass
+class PromptLogprobRow:
+    """Prompt logprobs of one row: the row at `position` of `seq` predicts the token at position + 1 (for a node's
+    last position, each child's first token): `logprobs` maps those tokens to their logprob; `top` holds the
+    sequence's lp_k most likely tokens, best first."""
+
+    seq: Sequence
+    position: int
+    logprobs: dict[int, float]
+    top: list[tuple[int, float]]
+
+
+def _next_tokens(seq: Sequence, position: int) -> list[int]:
+    if position + 1 < seq.num_tokens:
+        return [seq.token_ids[position + 1]]
+    return sorted({c.token_ids[position + 1] for c in seq.children})  # a node's last position

@@ -27,6 +27,11 @@ class SamplingParams:
 
     ``stop`` is normalised to a tuple of str and ``stop_token_ids`` to a tuple of int. ``temperature`` 0 means
     greedy; ``top_k`` 0 or -1 means all tokens. Invalid values raise ``ValueError`` naming the field.
+
+    ``prompt_logprobs=k``: the output's ``prompt_logprobs`` holds, per prompt position, the logprob of the actual
+    token and the k most likely ones (None at position 0), as vLLM's. batchllm extension: ``prompt_logprobs_from``,
+    the first position that gets one (the scoring API's continuation start; earlier ones are None and never reach
+    the lm_head), and ``max_tokens=0`` with prompt logprobs: score the prompt, generate nothing.
     """
 
     n: int = 1
@@ -45,6 +50,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
+    prompt_logprobs_from: int = 1
 
     def __post_init__(self) -> None:
         """Validate every field; rewrite ``stop``/``stop_token_ids`` as tuples and numbers as float where needed."""
@@ -63,7 +70,12 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        self._check_int("max_tokens", minimum=1)
+        if self.prompt_logprobs is not None:
+            self._check_int("prompt_logprobs", minimum=0)
+            if self.prompt_logprobs > MAX_LOGPROBS:
+                raise ValueError(f"prompt_logprobs must be <= {MAX_LOGPROBS}, got {self.prompt_logprobs}")
+        self._check_int("prompt_logprobs_from", minimum=1)
+        self._check_int("max_tokens", minimum=0 if self.prompt_logprobs is not None else 1)
         self._check_int("min_tokens", minimum=0)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be <= max_tokens={self.max_tokens}, got {self.min_tokens}")

@@ -41,9 +41,10 @@ class StepPlan:
         return sum(self.num_new)
 
     def samples(self, i: int) -> bool:
-        """Whether seqs[i] samples a token this step (a leaf whose tokens will then all be computed)."""
+        """Whether seqs[i] samples a token this step (a leaf with tokens to generate, whose tokens will then all be
+        computed)."""
         s = self.seqs[i]
-        return not s.is_node and s.num_computed_tokens + self.num_new[i] == s.num_tokens
+        return not s.is_node and s.max_tokens > 0 and s.num_computed_tokens + self.num_new[i] == s.num_tokens
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -163,7 +164,7 @@ class Scheduler:
             if admission.max_running is not None and len(self.running) >= admission.max_running:
                 return
             seq = self.head()
-            hit = kv.match_prefix(seq) if kv.caching else []
+            hit = kv.match_prefix(seq, seq.lp_from) if kv.caching else []  # scored rows are computed
             computed = seq.start + len(hit) * kv.block_size
             n = min(seq.num_tokens - computed, budget)
             need_now = kv.blocks_for(seq, computed + n) - len(hit) + kv.revive_cost(hit)

@@ -310,7 +310,7 @@ def ray_pass(args: argparse.Namespace, pending: Pending, validator: Validator, w
         actors = start_workers(ray, len(calls), model, options, args.ray_cpus_per_worker, args.ray_gpus_per_worker)
         sizes = [len(p) for p in shard.pieces]
 
-        name, tok_text = served_model_name(args), validator.encoder.token_text
+        name, encoder = served_model_name(args), validator.encoder
         progress = Progress(totals.lines_total, totals.lines_total - pending.num_todo, not args.no_progress)
         per_worker = [0] * len(calls)
         t_gen = time.monotonic()
@@ -322,7 +322,7 @@ def ray_pass(args: argparse.Namespace, pending: Pending, validator: Validator, w
             keys = [k for k, _ in results]
             reqs = read_lines_at(args.input, [work.offsets[k] for k in keys], [work.line_nos[k] for k in keys])
             for req, (_, out) in zip(reqs, results):
-                write_result(writer, req, out, totals, name, tok_text)
+                write_result(writer, req, out, totals, name, encoder)
                 progress.advance(totals, None, t_gen)
 
         def on_stats(w: int, stats: dict) -> None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from batchllm.inputs import PromptEncoder
 from batchllm.jobs import openai_batch as ob
 from batchllm.jobs import openai_output as oo
 from batchllm.jobs.report import JobTotals
@@ -57,7 +57,7 @@ def run_windows(llm: Any, path: str | Path, pending: Pending, validator: Validat
     """Pass 2: each window of runnable lines is one generate_stream call; every result not yet in OUT is written as
     it arrives (nothing accumulated). A window whose lines are all done is skipped; one with some done lines runs
     whole, as in the first run, and only its missing results are written."""
-    tok_text = validator.encoder.token_text
+    encoder = validator.encoder
     t_start = time.monotonic()
     window = max(1, window)
     for start in range(0, len(pending), window):
@@ -78,7 +78,7 @@ def run_windows(llm: Any, path: str | Path, pending: Pending, validator: Validat
             req = run_reqs[idx]
             if req.line_no in done:
                 continue
-            write_result(writer, req, out, totals, model_name, tok_text)
+            write_result(writer, req, out, totals, model_name, encoder)
             progress.advance(totals, getattr(llm, "progress", None), t_start)
         live = getattr(llm, "progress", None) or {}
         totals.kv_blocks_total = max(totals.kv_blocks_total, int(live.get("kv_blocks_total", 0) or 0))
@@ -86,8 +86,9 @@ def run_windows(llm: Any, path: str | Path, pending: Pending, validator: Validat
 
 
 def write_result(writer: ResultWriter, req: ob.BatchRequest, out: Any, totals: JobTotals, model_name: str,
-                 token_text: Callable[[int], str] | None) -> None:
-    """Writes the output line of one finished request and counts it into totals."""
+                 encoder: PromptEncoder | None) -> None:
+    """Writes the output line of one finished request and counts it into totals; `encoder` turns tokens into text
+    (for logprobs and echo)."""
     if getattr(out, "error", None) or any(o.finish_reason == "error" for o in out.outputs):
         msg = out.error or "the engine could not run this request"
         totals.failed_engine += 1
@@ -96,7 +97,12 @@ def write_result(writer: ResultWriter, req: ob.BatchRequest, out: Any, totals: J
     totals.ok += 1
     totals.prompt_tokens += len(out.prompt_token_ids)
     totals.output_tokens += sum(len(o.token_ids) for o in out.outputs)
-    writer.write(oo.response_line(req, out, model_name, int(time.time()), token_text))
+    prompt_text = None
+    if req.echo:
+        prompt_text = req.prompt if req.prompt is not None else (
+            encoder.tokenizer.decode(out.prompt_token_ids) if encoder is not None else "")
+    writer.write(oo.response_line(req, out, model_name, int(time.time()),
+                                  encoder.token_text if encoder is not None else None, prompt_text))
 
 
 def served_model_name(args: argparse.Namespace) -> str:

@@ -75,6 +75,7 @@ class BatchRequest:
     messages: tuple[dict[str, str], ...] | None = None  # chat
     prompt: str | None = None  # completions, text prompt
     prompt_token_ids: tuple[int, ...] | None = None  # completions, token prompt
+    echo: bool = False  # completions: the output's text and logprobs start with the prompt's
 
     @property
     def is_chat(self) -> bool:
@@ -148,7 +149,8 @@ def _parse_body(body: dict, url: str, custom_id: str, line_no: int) -> BatchRequ
         messages = _parse_messages(body.get("messages", _MISSING))
         return BatchRequest(line_no, custom_id, url, model, sampling, messages=messages)
     prompt, ids = _parse_prompt(body.get("prompt", _MISSING))
-    return BatchRequest(line_no, custom_id, url, model, sampling, prompt=prompt, prompt_token_ids=ids)
+    return BatchRequest(line_no, custom_id, url, model, sampling, prompt=prompt, prompt_token_ids=ids,
+                        echo=bool(body.get("echo")))
 
 
 _MISSING = object()
@@ -239,10 +241,11 @@ def sampling_kwargs(body: dict, chat: bool) -> dict[str, Any]:
     _neutral(body, "stream_options", lambda v: False, "not supported in batch jobs")
     _neutral(body, "logit_bias", lambda v: v == {}, "not supported")
     _neutral(body, "response_format", lambda v: v == {"type": "text"}, "only {'type': 'text'} is supported")
-    _neutral(body, "echo", lambda v: v is False, "echo is not supported")
+    _neutral(body, "echo", lambda v: isinstance(v, bool), "echo must be a boolean")
     _neutral(body, "suffix", lambda v: False, "suffix is not supported")
     kw: dict[str, Any] = {}
-    max_tokens = _int(body, "max_tokens", 1)
+    echo = bool(body.get("echo"))
+    max_tokens = _int(body, "max_tokens", 0 if echo else 1)  # echo with max_tokens 0: score the prompt only
     if chat:
         mct = _int(body, "max_completion_tokens", 1)
         if mct is not None and max_tokens is not None and mct != max_tokens:
@@ -295,6 +298,10 @@ def sampling_kwargs(body: dict, chat: bool) -> dict[str, Any]:
         if sti:
             kw["stop_token_ids"] = list(sti)
     _logprobs_kwargs(body, chat, kw)
+    if echo and kw.get("logprobs") is not None:
+        kw["prompt_logprobs"] = kw["logprobs"]  # the legacy API's echo: logprobs of the prompt's tokens too
+    if echo and max_tokens == 0 and "prompt_logprobs" not in kw:
+        raise InvalidLine(E_PARAM, "max_tokens 0 with echo needs logprobs (what else would the line return?)")
     return kw
 
 

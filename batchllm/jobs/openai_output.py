@@ -32,10 +32,11 @@ def error_line(err: LineError) -> dict:
 
 
 def response_line(req: BatchRequest, out: Any, model_name: str, created: int,
-                  token_text: Callable[[int], str] | None = None) -> dict:
-    """The output line of a finished request; `out` is a RequestOutput (finish_reason 'stop' or 'length')."""
+                  token_text: Callable[[int], str] | None = None, prompt_text: str | None = None) -> dict:
+    """The output line of a finished request; `out` is a RequestOutput (finish_reason 'stop' or 'length');
+    `prompt_text`: the prompt as text, for echo."""
     body = chat_body(req, out, model_name, created, token_text) if req.is_chat else \
-        completion_body(req, out, model_name, created, token_text)
+        completion_body(req, out, model_name, created, token_text, prompt_text)
     return {"id": output_id(req.line_no), "custom_id": req.custom_id,
             "response": {"status_code": 200, "request_id": f"req_{req.line_no}", "body": body}, "error": None}
 
@@ -61,12 +62,20 @@ def chat_body(req: BatchRequest, out: Any, model_name: str, created: int,
 
 
 def completion_body(req: BatchRequest, out: Any, model_name: str, created: int,
-                    token_text: Callable[[int], str] | None = None) -> dict:
+                    token_text: Callable[[int], str] | None = None, prompt_text: str | None = None) -> dict:
+    """With `echo`, each choice's text starts with the prompt's (`prompt_text`) and its logprobs with the prompt's
+    tokens (the first one's logprob null, as the legacy API's)."""
     choices = []
     for o in sorted(out.outputs, key=lambda c: c.index):
         k = req.sampling.get("logprobs")
-        lp = _completion_logprobs(o, k, token_text) if k is not None else None
-        choices.append({"index": o.index, "text": o.text, "logprobs": lp, "finish_reason": _finish(o.finish_reason)})
+        entries = _token_entries(o, k, token_text) if k is not None else None
+        text = o.text
+        if req.echo:
+            text = (prompt_text or "") + text
+            if entries is not None:
+                entries = _prompt_entries(out, k, token_text) + entries
+        lp = _completion_logprobs(entries) if entries is not None else None
+        choices.append({"index": o.index, "text": text, "logprobs": lp, "finish_reason": _finish(o.finish_reason)})
     return {"id": f"cmpl-{req.line_no}", "object": "text_completion", "created": created,
             "model": req.model or model_name, "choices": choices, "usage": usage(out)}
 
@@ -75,17 +84,29 @@ def _finish(reason: Any) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _token_entries(o: Any, k: int, token_text: Callable[[int], str] | None) -> list[tuple[str, float | None, list]]:
-    """(token text, its logprob, [(text, logprob) of the k most likely tokens, best first]) per generated token."""
+Entry = tuple[str, float | None, list]  # (token text, its logprob, [(text, logprob) of the k most likely, best first])
+
+
+def _entries(token_ids, logprobs, k: int, token_text: Callable[[int], str] | None) -> list[Entry]:
+    """One entry per token, from its {token: logprob} dict (missing or None: no logprob)."""
     text_of = token_text or str
     entries = []
-    for i, tid in enumerate(o.token_ids):
-        d = o.logprobs[i] if o.logprobs is not None and i < len(o.logprobs) else {}
+    for i, tid in enumerate(token_ids):
+        d = (logprobs[i] if logprobs is not None and i < len(logprobs) else None) or {}
         top = sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
         lp = d.get(tid)
-        entries.append((text_of(tid), None if lp is None else float(lp),
-                        [(text_of(t), float(v)) for t, v in top]))
+        entries.append((text_of(tid), None if lp is None else float(lp), [(text_of(t), float(v)) for t, v in top]))
     return entries
+
+
+def _token_entries(o: Any, k: int, token_text: Callable[[int], str] | None) -> list[Entry]:
+    """The generated tokens' entries."""
+    return _entries(o.token_ids, o.logprobs, k, token_text)
+
+
+def _prompt_entries(out: Any, k: int, token_text: Callable[[int], str] | None) -> list[Entry]:
+    """The prompt tokens' entries, from the output's prompt_logprobs (the first token has none)."""
+    return _entries(out.prompt_token_ids, out.prompt_logprobs, k, token_text)
 
 
 def _chat_logprobs(o: Any, k: int, token_text: Callable[[int], str] | None) -> dict:
@@ -97,8 +118,7 @@ def _chat_logprobs(o: Any, k: int, token_text: Callable[[int], str] | None) -> d
     return {"content": content}
 
 
-def _completion_logprobs(o: Any, k: int, token_text: Callable[[int], str] | None) -> dict:
-    entries = _token_entries(o, k, token_text)
+def _completion_logprobs(entries: list[Entry]) -> dict:
     offsets, pos = [], 0
     for tok, _, _ in entries:
         offsets.append(pos)

@@ -71,17 +71,17 @@ class KVManager:
         self.pool.free(seq.blocks[::-1] if self.caching else seq.blocks)
         seq.blocks = []
 
-    def match_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks holding a prefix of `seq`'s prompt, leaving at least one token to compute (its logits).
-        Changes nothing; `take_prefix` claims them."""
+    def match_prefix(self, seq: Sequence, compute_from: int | None = None) -> list[int]:
+        """Cached blocks holding a prefix of `seq`'s prompt that ends at or before position `compute_from` (default:
+        the last token, whose logits sample), so every position from there on is computed. Changes nothing;
+        `take_prefix` claims them."""
+        limit = seq.num_tokens - 1 if compute_from is None else min(compute_from, seq.num_tokens - 1)
         hit = []
-        for h in seq.block_hashes:
+        for h in seq.block_hashes[:limit // self.block_size]:
             b = self.pool.lookup(h)
             if b is None:
                 break
             hit.append(b)
-        if hit and len(hit) * self.block_size >= seq.num_tokens:
-            hit.pop()
         return hit
 
     def revive_cost(self, blocks: Iterable[int]) -> int:

@@ -182,7 +182,8 @@ class DecoderModel(torch.nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """Run the step, writing this step's K/V into `kv_caches` (one [2, blocks, block_size, KVH, D] per layer),
-        and return the logits [B, V] of `batch.logits_rows` in the model's dtype."""
+        and return the final-normed hidden states [B, hidden] of `batch.logits_rows` (`logits` turns them into
+        logits: the runner does so in chunks where many rows want them)."""
         kern, eps = self.kernels, self.cfg.rms_norm_eps
         x = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
         if self.embed_scale is not None:
@@ -191,8 +192,13 @@ class DecoderModel(torch.nn.Module):
         n = len(self.layers)
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             x, h = layer(x, h, batch, kv_cache, kern, self.layers[i + 1].input_norm if i + 1 < n else None)
-        h = rms_norm(x if batch.attn_last is not None else x[batch.logits_rows], self.norm, eps)  # [B, hidden]
-        logits = self.lm_head(h)  # [B, V] in the model's dtype (the sampler reads bf16 logits directly)
+        return rms_norm(x if batch.attn_last is not None else x[batch.logits_rows], self.norm, eps)  # [B, hidden]
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, hidden] -> logits [B, V] in the model's dtype (the sampler reads bf16 logits directly),
+        soft-capped where the model caps them."""
+        logits = self.lm_head(hidden)  # [B, V]
         cap = self.cfg.final_logit_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
