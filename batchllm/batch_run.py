@@ -99,7 +99,7 @@ class BatchRun:
         seqs = build_sequences(plan, prompts, [r.params.max_tokens for r, _ in flat], [r.index for r, _ in flat],
                                [k for _, k in flat], self.engine.config.policy, want)
         self.stats.plan = plan.stats.to_dict()
-        self.stats.prompt_tokens = sum(len(r.prompt_ids) for r in requests)
+        self.stats.prompt_tokens = sum(len(p) for p in prompts)  # per sample: what no reuse would compute
         for (req, k), leaf in zip(flat, seqs.leaves):
             self._leaf[leaf.seq_id] = (req, k)
             req.leaves.append(leaf)

@@ -85,11 +85,45 @@ class PromptEncoder:
 
         return cls(AutoTokenizer.from_pretrained(str(model_dir)), vocab_size)
 
-    def encode_many(self, prompts: Sequence[PromptInput]) -> list[list[int] | InvalidPrompt]:
-        """Token ids per prompt (texts batched through the fast tokenizer), or the InvalidPrompt saying why not."""
-        return self.encode_with_text(prompts)[1]
+    def encode_many(self, prompts: Sequence[PromptInput], max_len: int | None = None
+                    ) -> list[list[int] | InvalidPrompt]:
+        """Token ids per prompt (texts batched through the fast tokenizer), or the InvalidPrompt saying why not.
+        With `max_len`, a prompt too large to fit in that many tokens is refused from its size, untokenized."""
+        return self.encode_with_text(prompts, max_len)[1]
 
-    def encode_with_text(self, prompts: Sequence[PromptInput]
+    @property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token can stand for: the longest token string of the vocabulary (a
+        byte-level token's characters are one byte each; a SentencePiece piece is its text). Cached."""
+        if getattr(self, "_max_token_bytes", None) is None:
+            vocab = self.tokenizer.get_vocab()
+            self._max_token_bytes = max((len(t.encode("utf-8", "replace")) for t in vocab), default=1) or 1
+        return self._max_token_bytes
+
+    def too_long(self, prompt: PromptInput, max_len: int) -> InvalidPrompt | None:
+        """Why a text or chat prompt cannot fit in `max_len` tokens, judged before tokenizing (None when it might):
+        more text than `max_len` tokens of the longest kind could hold, with a margin of 4 for normalizers that
+        shrink text (NFKC turns a 3-byte full-width letter into 1 byte). Keeps a huge prompt from costing the
+        tokenizer gigabytes only to be refused. (Token ids are checked against the context with max_tokens.)"""
+        if prompt.token_ids is not None:
+            return None
+        if prompt.messages is not None:
+            size = sum(len(str(m.get("content") or "")) for m in prompt.messages if isinstance(m, dict))
+        else:
+            size = len(prompt.text or "")
+        limit = 4 * self.max_token_bytes * max_len
+        if size <= limit // 4:  # characters <= bytes <= 4 * characters: most prompts end here
+            return None
+        if prompt.messages is not None:
+            size = sum(_utf8_len(str(m.get("content") or "")) for m in prompt.messages if isinstance(m, dict))
+        else:
+            size = _utf8_len(prompt.text or "")
+        if size <= limit:
+            return None
+        return InvalidPrompt(E_CONTEXT, f"the prompt holds {size} bytes of text, more than {max_len} tokens (the "
+                                        f"model's context) can hold: refused without tokenizing it")
+
+    def encode_with_text(self, prompts: Sequence[PromptInput], max_len: int | None = None
                          ) -> tuple[list[str | None], list[list[int] | InvalidPrompt]]:
         """`encode_many`, and the text each prompt's ids were encoded from (a conversation's rendered template;
         None for token ids)."""
@@ -97,7 +131,10 @@ class PromptEncoder:
         rendered: list[str | None] = [p.text for p in prompts]
         texts: dict[bool, list[tuple[int, str]]] = {True: [], False: []}  # add_special_tokens -> (index, text)
         for i, p in enumerate(prompts):
-            if p.token_ids is not None:
+            refused = self.too_long(p, max_len) if max_len is not None else None
+            if refused is not None:
+                out[i] = refused
+            elif p.token_ids is not None:
                 out[i] = list(p.token_ids)
             elif p.messages is not None:
                 try:
@@ -142,6 +179,11 @@ class PromptEncoder:
 
     def _encode_one(self, text: str, add_special_tokens: bool) -> list[int] | InvalidPrompt:
         try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # legal in JSON ("\\ud800", half an emoji), not in Unicode text
+            return InvalidPrompt(E_PARAM, f"the prompt holds a lone surrogate ({text[e.start]!a} at character "
+                                          f"{e.start} of its text), which is not valid Unicode text")
+        try:
             return self._encode_batch([text], add_special_tokens)[0]
         except Exception as e:
             return InvalidPrompt(E_PARAM, f"could not tokenize the prompt: {e}")
@@ -162,6 +204,10 @@ class PromptEncoder:
     def token_text(self, token_id: int) -> str:
         """The text of one token, as OpenAI logprobs show it."""
         return self.tokenizer.decode([token_id])
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def check_fits(num_prompt: int, max_tokens: int, max_model_len: int, kv_blocks: int | None = None,

@@ -167,7 +167,7 @@ class LLM:
             except InvalidPrompt as e:
                 inputs.append(e)
         ok = [i for i, x in enumerate(inputs) if isinstance(x, PromptInput)]
-        texts, ids_list = engine.encoder.encode_with_text([inputs[i] for i in ok])
+        texts, ids_list = engine.encoder.encode_with_text([inputs[i] for i in ok], engine.model_config.max_model_len)
         encoded = {i: (t, ids) for i, t, ids in zip(ok, texts, ids_list)}
         requests = []
         for i, (prompt, sp) in enumerate(zip(prompts, params)):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
 MAX_LOGPROBS = 20
+MAX_N = 1024  # samples per request: more is not one request but a job of its own
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -56,6 +57,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         """Validate every field; rewrite ``stop``/``stop_token_ids`` as tuples and numbers as float where needed."""
         self._check_int("n", minimum=1)
+        if self.n > MAX_N:
+            raise ValueError(f"n must be <= {MAX_N}, got {self.n}")
         self._check_float("temperature")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
@@ -107,8 +110,8 @@ class SamplingParams:
     def _check_float(self, name: str) -> None:
         """Check ``name`` is a finite real number and store it as a float."""
         value = getattr(self, name)
-        if not _is_number(value) or math.isnan(value):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+        if not _is_number(value) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
         object.__setattr__(self, name, float(value))
 
     @property

@@ -64,8 +64,9 @@ class StepTrace:
 @dataclass
 class RunStats:
     """Figures of one generate call, updated as it runs (`LLM.progress`) and final when it ends (`LLM.stats()`).
-    Token counts: `prompt_tokens` are the prompts' tokens, `computed_prompt_tokens` those the engine computed
-    (the difference is what prefix sharing saved)."""
+    Token counts: `prompt_tokens` are the prompts' tokens once per sample (n of them for a request with n > 1:
+    what an engine without any prefix reuse computes), `computed_prompt_tokens` those the engine computed (the
+    difference is what prefix sharing saved; never negative but for recomputation after a preemption)."""
 
     num_requests: int = 0
     num_errors: int = 0

@@ -208,6 +208,11 @@ def test_engine_errors_become_error_lines(model_dir, tmp_path):
     assert recs["longer"]["error"]["message"].startswith("line 2: needs ")
 
 
+def same_job(ref, out):
+    """`out` as a cut copy of `ref`'s job: its manifest beside it."""
+    shutil.copy(f"{ref}.manifest.json", f"{out}.manifest.json")
+
+
 def uninterrupted(model_dir, tmp_path, lines, *extra):
     inp = write_input(tmp_path, lines)
     ref = tmp_path / "ref.jsonl"
@@ -226,6 +231,7 @@ def test_resume_after_cut_at_every_line_gives_the_uninterrupted_output(model_dir
         for torn in (b"", ref_lines[cut][: len(ref_lines[cut]) // 2] if cut < len(ref_lines) else b'{"id'):
             out = tmp_path / "out.jsonl"
             out.write_bytes(b"".join(ref_lines[:cut]) + torn)
+            same_job(tmp_path / "ref.jsonl", out)
             code, made = run(model_dir, inp, out, "--window", window)
             assert code == 0
             recs = read_out(out)
@@ -238,20 +244,20 @@ def test_resume_after_cut_at_every_line_gives_the_uninterrupted_output(model_dir
 
 
 def rerun_size(ref_lines, cut, window):
-    """Requests a rerun hands the engine: every runnable line (a response or an engine error, in input order) of each
-    window that still misses a result; windows are cut as in the first run."""
+    """Requests a rerun hands the engine: only the runnable lines (a response or an engine error) still missing a
+    result, however the windows fall: a finished request is never computed again."""
     records = [json.loads(x) for x in ref_lines]
-    runnable = sorted(oo.line_no_of_output_id(r["id"]) for r in records
-                      if r["error"] is None or r["error"]["code"] == ob.E_ENGINE)
+    runnable = {oo.line_no_of_output_id(r["id"]) for r in records
+                if r["error"] is None or r["error"]["code"] == ob.E_ENGINE}
     done = {oo.line_no_of_output_id(r["id"]) for r in records[:cut]}
-    windows = [runnable[i:i + window] for i in range(0, len(runnable), window)]
-    return sum(len(w) for w in windows if any(n not in done for n in w))
+    return len(runnable - done)
 
 
 def test_rerun_of_finished_job_loads_no_model(model_dir, tmp_path):
     inp, ref = uninterrupted(model_dir, tmp_path, MIXED)
     out = tmp_path / "out.jsonl"
     out.write_bytes(ref)
+    same_job(tmp_path / "ref.jsonl", out)
     code, made = run(model_dir, inp, out)
     assert (code, made, out.read_bytes()) == (0, [], ref)
 
@@ -292,7 +298,7 @@ def test_exit_codes_and_one_line_reasons(model_dir, tmp_path, capsys):
     cases = [
         (("-i", tmp_path / "missing.jsonl", "-o", out, "--model", model_dir), 2, "cannot read input file"),
         (("-i", inp, "-o", out, "--model", tmp_path / "nomodel"), 2, "no model at"),
-        (("-i", inp, "-o", inp, "--model", model_dir), 2, "must differ"),
+        (("-i", inp, "-o", inp, "--model", model_dir), 2, "is the input file"),
     ]
     for argv, code, words in cases:
         assert command.main(parse_args(*argv, "--no-progress")) == code
@@ -300,6 +306,9 @@ def test_exit_codes_and_one_line_reasons(model_dir, tmp_path, capsys):
         assert err.count("\n") == 1 and words in err and err.startswith("batchllm run: error: ")
     out.write_text('{"id": "batch_req_1"\n{"id": "batch_req_2", "custom_id": "b"}\n')
     assert command.main(parse_args("-i", inp, "-o", out, "--model", model_dir, "--no-progress")) == 2
+    assert "was not written by `batchllm run`" in capsys.readouterr().err  # and is left as it was
+    assert out.read_text() == '{"id": "batch_req_1"\n{"id": "batch_req_2", "custom_id": "b"}\n'
+    assert command.main(parse_args("-i", inp, "-o", out, "--model", model_dir, "--no-progress", "--force")) == 2
     assert "line 1 is not a complete JSON line" in capsys.readouterr().err
     # a model folder with a tokenizer but no weights: the engine cannot load -> 1, nothing written
     nw = tmp_path / "noweights"

@@ -157,7 +157,8 @@ def test_completion_response_line_with_logprobs():
     names = {1: "a", 2: "b", 3: "c"}
     got = oo.response_line(req, out, "tiny", 5, names.__getitem__)
     body = got["response"]["body"]
-    assert (body["id"], body["object"], body["model"]) == ("cmpl-5", "text_completion", "given")
+    # the model that ran, not the one the request named ("given")
+    assert (body["id"], body["object"], body["model"]) == ("cmpl-5", "text_completion", "tiny")
     assert body["choices"] == [{"index": 0, "text": "ab", "finish_reason": "length", "logprobs": {
         "tokens": ["a", "b"], "token_logprobs": [-0.5, -0.125], "top_logprobs": [{"c": -0.25}, {"b": -0.125}],
         "text_offset": [0, 1]}}]

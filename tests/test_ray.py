@@ -3,6 +3,7 @@ local run line for line, computes about the single-machine prompt tokens, surviv
 output file, and the Ray Data processor equals one `LLM.generate`. One Ray cluster for the module."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,7 @@ def test_resume_after_a_torn_output_equals_the_local_run(job, ray_job, tiny_llam
     lines = ray_job[0].read_bytes().splitlines(keepends=True)
     out = tmp_path / "out.jsonl"
     out.write_bytes(b"".join(lines[:cut]) + lines[cut][:25])  # a driver killed in the middle of a write
+    shutil.copy(f"{ray_job[0]}.manifest.json", f"{out}.manifest.json")  # written by the same job
     stats = tmp_path / "stats.json"
     assert command.main(job_args(tiny_llama, inp, out, "--ray", "--ray-workers", 2, "--stats-json", stats)) == 0
     got = records(out)

@@ -40,6 +40,9 @@ def test_normalisation_and_frozen():
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": "1"}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"n": 10**9}, "n must be <= 1024"),
+        ({"max_tokens": 1e12}, "max_tokens"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.01}, "top_p"),
         ({"top_k": -2}, "top_k"),
@@ -78,7 +81,8 @@ def test_invalid_values_name_the_field(kwargs, field):
 
 @pytest.mark.parametrize("kwargs", [{"top_k": -1}, {"top_k": 0}, {"top_k": 5}, {"top_p": 1.0}, {"min_p": 1.0},
                                     {"logprobs": 0}, {"logprobs": 20}, {"min_tokens": 16}, {"presence_penalty": -2},
-                                    {"frequency_penalty": 2}, {"repetition_penalty": 0.5}, {"seed": -(2**70)}])
+                                    {"frequency_penalty": 2}, {"repetition_penalty": 0.5}, {"seed": -(2**70)},
+                                    {"n": 1024}])
 def test_edge_values_are_valid(kwargs):
     SamplingParams(**kwargs)
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from batchllm.jobs.guard import JobStopped
 from batchllm.jobs.job import build_llm, execute_job, local_pass
 from batchllm.jobs.scan import JobError
 
@@ -30,12 +31,16 @@ def run_job(args: argparse.Namespace, llm_factory: Callable[[argparse.Namespace]
 
 def main(args: argparse.Namespace) -> int:
     """Runs the job; 0 when it ran (whatever failed line by line), 2/1 with a one-line reason when it cannot run,
-    130 when interrupted (rerun to resume)."""
+    128 + the signal on SIGTERM (143) or SIGINT (130), after saving every finished result (rerun to resume)."""
     try:
         return run_job(args)
     except JobError as e:
         print(f"batchllm run: error: {e}", file=sys.stderr)
         return 2
+    except JobStopped as e:
+        print(f"batchllm run: stopped by {e}: every finished result is saved in {args.output}; rerun the same "
+              "command to resume", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("batchllm run: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

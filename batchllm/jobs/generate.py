@@ -13,8 +13,10 @@ from batchllm.inputs import PromptEncoder
 from batchllm.jobs import openai_batch as ob
 from batchllm.jobs import openai_output as oo
 from batchllm.jobs.report import JobTotals
-from batchllm.jobs.scan import Pending, Validator, prepare_runnable, read_pending
+from batchllm.jobs.scan import Pending, Validator, prepare_runnable, read_lines_at
 from batchllm.jobs.writer import ResultWriter
+
+WINDOW_TOKENS = 1 << 20  # prompt tokens per window at most: a window's prompts and plan stay within memory
 
 
 class Progress:
@@ -52,19 +54,34 @@ class Progress:
             self.bar.close()
 
 
+def window_bounds(pending: Pending, window: int, window_tokens: int) -> list[tuple[int, int]]:
+    """[start, stop) of each window: at most `window` lines and `window_tokens` prompt tokens (at least one line),
+    cut from every runnable line, done or not, so a rerun cuts the same windows."""
+    bounds, start, tokens = [], 0, 0
+    for i, n in enumerate(pending.tokens):
+        if i > start and (i - start >= window or tokens + n > window_tokens):
+            bounds.append((start, i))
+            start, tokens = i, 0
+        tokens += n
+    if start < len(pending):
+        bounds.append((start, len(pending)))
+    return bounds
+
+
 def run_windows(llm: Any, path: str | Path, pending: Pending, validator: Validator, writer: ResultWriter,
-                totals: JobTotals, window: int, model_name: str, progress: Progress) -> None:
-    """Pass 2: each window of runnable lines is one generate_stream call; every result not yet in OUT is written as
-    it arrives (nothing accumulated). A window whose lines are all done is skipped; one with some done lines runs
-    whole, as in the first run, and only its missing results are written."""
+                totals: JobTotals, window: int, model_name: str, progress: Progress,
+                window_tokens: int = WINDOW_TOKENS) -> None:
+    """Pass 2: each window's lines not yet in OUT are one generate_stream call; every result is written as it
+    arrives (nothing accumulated), so a rerun computes only the missing ones. A resumed window plans its remaining
+    requests alone: in fp32 their tokens equal an uninterrupted run's; in bf16 a shared prefix may now be computed
+    in other chunks, which can change the last bits of a logit and, at a near tie, a token."""
     encoder = validator.encoder
     t_start = time.monotonic()
-    window = max(1, window)
-    for start in range(0, len(pending), window):
-        if all(pending.done[start:start + window]):
+    for start, stop in window_bounds(pending, max(1, window), window_tokens):
+        todo = [i for i in range(start, stop) if not pending.done[i]]
+        if not todo:
             continue
-        items = read_pending(path, pending, start, start + window)
-        done = {ln for ln, d in zip(pending.line_nos[start:start + window], pending.done[start:start + window]) if d}
+        items = read_lines_at(path, [pending.offsets[i] for i in todo], [pending.line_nos[i] for i in todo])
         prepared = prepare_runnable([it for it in items if isinstance(it, ob.BatchRequest)], validator, writer, totals)
         del items
         if not prepared:
@@ -75,10 +92,7 @@ def run_windows(llm: Any, path: str | Path, pending: Pending, validator: Validat
         del prepared
         t_call = time.monotonic() - t_start
         for idx, out in llm.generate_stream(prompts, params):
-            req = run_reqs[idx]
-            if req.line_no in done:
-                continue
-            write_result(writer, req, out, totals, model_name, encoder)
+            write_result(writer, run_reqs[idx], out, totals, model_name, encoder)
             progress.advance(totals, getattr(llm, "progress", None), t_start)
         live = getattr(llm, "progress", None) or {}
         totals.kv_blocks_total = max(totals.kv_blocks_total, int(live.get("kv_blocks_total", 0) or 0))

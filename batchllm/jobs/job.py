@@ -1,15 +1,18 @@
 """`batchllm run` as a job: an OpenAI Batch JSONL file in, an OpenAI Batch output file out, resumable.
 
-Flow: recover OUT (cut a torn last line, index what is done) -> pass 1 over IN with the tokenizer only: every line
-is parsed and validated, bad lines become error lines at once, the byte offsets of runnable lines are kept (8+8+1
-bytes per line, never the prompts) -> the model loads -> pass 2 reads the runnable lines back in windows of
-`--window` requests, each window one `llm.generate_stream` call, results appended to OUT as they finish -> summary,
-stats JSON, HTML report. Memory holds one window of prompts, the set of custom_ids, and bounded trace bins.
+Flow: check the paths (guard.check_output_path), lock OUT (guard.OutputLock), check that an existing OUT comes from
+this same job (guard.Manifest; --force overrides), drop its error lines on --retry-failed, recover OUT (cut a torn
+last line, index what is done) -> pass 1 over IN with the tokenizer only: every line is parsed and validated, bad
+lines become error lines at once, the byte offsets of runnable lines are kept (8+8+1+4 bytes per line, never the
+prompts) -> the model loads -> pass 2 reads the runnable lines back in windows (at most `--window` requests and
+WINDOW_TOKENS prompt tokens), each window's missing requests one `llm.generate_stream` call, results appended to
+OUT as they finish -> summary, stats JSON, HTML report. Memory holds one window of prompts, the set of custom_ids,
+and bounded trace bins; validation reads lines in blocks of at most 4 MiB and refuses, unread, a line longer than
+any request fitting the context.
 
-Resume: windows are cut from all runnable lines, done or not, so a rerun makes the same engine calls as the first
-run. A window with missing results runs again whole (up to `--window` - 1 finished requests are recomputed) and
-only the missing results are written: they are then bit-identical to an uninterrupted run's, whatever the dtype,
-because the engine is deterministic for the same batch.
+Resume: windows are cut from all runnable lines, done or not, so a rerun cuts the same windows; only the requests
+without a result run again (see `generate.run_windows` for what that means for bf16 bits). SIGTERM and SIGINT stop
+the job between two steps: finished results are flushed and fsynced, and the command says how to resume.
 
 With `--ray [ADDRESS]`, pass 2 runs on Ray actors instead (`batchllm.distributed.ray_runner.ray_pass`, which
 `command.main` passes in); everything else here (validation, error lines, resume, result lines, summary) is the same
@@ -19,17 +22,30 @@ code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from batchllm.engine_args import EngineArgs
 from batchllm.jobs import openai_batch as ob
 from batchllm.jobs.generate import Progress, run_windows, served_model_name
+from batchllm.jobs.guard import (
+    STREAM,
+    Manifest,
+    OutputLock,
+    check_output_path,
+    check_resume,
+    drop_error_lines,
+    graceful_stop,
+    sha256_of,
+    spool_stdin,
+)
 from batchllm.jobs.report import JobTotals, format_summary, summary, write_report, write_stats_json
 from batchllm.jobs.scan import (
     ENGINE_DEFAULT_CONTEXT,
@@ -45,8 +61,10 @@ from batchllm.jobs.writer import CorruptOutput, ResultWriter, recover
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the `run` options to a (sub)parser."""
-    p.add_argument("-i", "--input", required=True, help="OpenAI Batch input file (JSONL)")
-    p.add_argument("-o", "--output", required=True, help="output file (JSONL); appended to, resumed if it exists")
+    p.add_argument("-i", "--input", required=True, help="OpenAI Batch input file (JSONL); - reads standard input")
+    p.add_argument("-o", "--output", required=True,
+                   help="output file (JSONL); appended to, resumed if it exists (only by the same job: see --force); "
+                        "- streams the results to standard output, without resume")
     p.add_argument("--model", required=True,
                    help="an HF model folder, a .gguf file (or a folder holding one), or smollm2-135m-instruct")
     EngineArgs.add_cli_args(p.add_argument_group("engine"))
@@ -61,6 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--stats-json", default=None, help="write the end-of-job figures to this JSON file")
     j.add_argument("--report", default=None, help="write an HTML report (report.html) into this folder")
     j.add_argument("--no-progress", action="store_true", help="no progress bar")
+    j.add_argument("--force", action="store_true",
+                   help="resume onto an existing output even when another input, model or option produced it")
+    j.add_argument("--retry-failed", action="store_true",
+                   help="drop the error lines of an existing output first: their requests run again")
     r = p.add_argument_group("ray (scale out; needs pip install 'batchllm[ray]')")
     r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on a Ray cluster: ADDRESS (host:port, ray://...) or, without a value, RAY_ADDRESS / the "
@@ -112,8 +134,7 @@ def check_paths(input_path: str, output_path: str, model_dir: str) -> dict:
         raise JobError(f"cannot read input file {input_path}: no such file")
     if not os.access(inp, os.R_OK):
         raise JobError(f"cannot read input file {input_path}: permission denied")
-    if Path(output_path).exists() and Path(output_path).resolve() == inp.resolve():
-        raise JobError("the output file must differ from the input file")
+    check_output_path(input_path, output_path)
     cfg_path = Path(model_dir) / "config.json"
     if not cfg_path.is_file():
         raise JobError(f"no model at {model_dir} (config.json not found)")
@@ -121,6 +142,32 @@ def check_paths(input_path: str, output_path: str, model_dir: str) -> dict:
         return json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
         raise JobError(f"cannot read {cfg_path}: {e}") from None
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Options that would fail every line or fail after the whole job ran are refused before it starts."""
+    if args.default_max_tokens is not None and args.default_max_tokens < 1:
+        raise JobError(f"--default-max-tokens must be at least 1, got {args.default_max_tokens}")
+    if args.window < 1:
+        raise JobError(f"--window must be at least 1, got {args.window}")
+    try:
+        EngineArgs(model=args.model, **engine_options(args))
+    except (TypeError, ValueError) as e:
+        raise JobError(str(e)) from None
+    for flag, path in (("--stats-json", args.stats_json), ("--report", args.report)):
+        if path is None:
+            continue
+        folder = Path(path) if flag == "--report" else Path(path).parent
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise JobError(f"{flag} {path}: cannot write there ({existing} is not a writable folder)")
+
+
+def result_options(args: argparse.Namespace, model_dir: str) -> Manifest:
+    """The manifest of this job, without the input hash (filled by the caller): what changes its results."""
+    options = {"dtype": args.dtype or "auto", "seed": args.seed or 0, "max_model_len": args.max_model_len,
+               "default_max_tokens": args.default_max_tokens}
+    return Manifest("", os.path.realpath(model_dir), options)
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,15 +204,28 @@ def local_pass(args: argparse.Namespace, pending: Pending, validator: Validator,
 def execute_job(args: argparse.Namespace, pass2: Pass2 | None = None) -> dict:
     """Runs the job, prints the summary, writes the stats JSON and report; returns the summary dict. Pass 2 is
     `pass2` (Ray's, for --ray: see `command.main`), else the local engine's. Raises JobError when the job cannot
-    start."""
+    start, JobStopped on SIGTERM / SIGINT (after flushing what is finished)."""
     t0 = time.monotonic()
-    if pass2 is None:
-        pass2 = local_pass
+    with graceful_stop(), contextlib.ExitStack() as cleanup:
+        if args.input == STREAM:
+            args.input = spool_stdin(Path(args.output).resolve().parent if args.output != STREAM else Path("."))
+            cleanup.callback(os.unlink, args.input)
+        check_options(args)
+        model_dir = resolve_job_model(args)
+        config = check_paths(args.input, args.output, model_dir)
+        if args.output != STREAM:
+            cleanup.enter_context(OutputLock(args.output))
+        manifest = replace(result_options(args, model_dir), input_sha256=sha256_of(args.input))
+        check_resume(args.output, manifest, getattr(args, "force", False))
+        if getattr(args, "retry_failed", False):
+            n = drop_error_lines(args.output)
+            print(f"batchllm run: --retry-failed: {n} error lines dropped; their requests run again", file=sys.stderr)
+        return _run(args, pass2 or local_pass, model_dir, config, t0)
 
-    model_dir = resolve_job_model(args)
-    config = check_paths(args.input, args.output, model_dir)
+
+def _run(args: argparse.Namespace, pass2: Pass2, model_dir: str, config: dict, t0: float) -> dict:
     encoder = load_encoder(model_dir, config)
-    context = ob.read_context_length(config) or ENGINE_DEFAULT_CONTEXT
+    context = args.max_model_len or ob.read_context_length(config) or ENGINE_DEFAULT_CONTEXT
     validator = Validator(encoder, context, args.default_max_tokens, engine_params_factory(), args.seed or 0)
     try:
         resume = recover(args.output)

@@ -108,10 +108,15 @@ def parse_line(text: str | bytes, line_no: int) -> BatchRequest | LineError:
                 text = text.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise InvalidLine(E_JSON, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+        text = text.removeprefix("\ufeff")  # a byte order mark (files concatenated with one) is not content
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise InvalidLine(E_JSON, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise InvalidLine(E_JSON, "not valid JSON here: nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise InvalidLine(E_JSON, f"not valid JSON here: {e}") from None
         if not isinstance(obj, dict):
             raise InvalidLine(E_JSON, f"expected a JSON object, got {type(obj).__name__}")
         cid = obj.get("custom_id")

@@ -58,7 +58,7 @@ def chat_body(req: BatchRequest, out: Any, model_name: str, created: int,
         choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
                         "logprobs": lp, "finish_reason": _finish(o.finish_reason)})
     return {"id": f"chatcmpl-{req.line_no}", "object": "chat.completion", "created": created,
-            "model": req.model or model_name, "choices": choices, "usage": usage(out)}
+            "model": model_name, "choices": choices, "usage": usage(out)}
 
 
 def completion_body(req: BatchRequest, out: Any, model_name: str, created: int,
@@ -77,7 +77,7 @@ def completion_body(req: BatchRequest, out: Any, model_name: str, created: int,
         lp = _completion_logprobs(entries) if entries is not None else None
         choices.append({"index": o.index, "text": text, "logprobs": lp, "finish_reason": _finish(o.finish_reason)})
     return {"id": f"cmpl-{req.line_no}", "object": "text_completion", "created": created,
-            "model": req.model or model_name, "choices": choices, "usage": usage(out)}
+            "model": model_name, "choices": choices, "usage": usage(out)}
 
 
 def _finish(reason: Any) -> str:

@@ -17,7 +17,8 @@ from batchllm.jobs.report import JobTotals
 from batchllm.jobs.writer import ResultWriter, ResumeIndex
 from batchllm.sampling_params import derive_seed
 
-SCAN_CHUNK = 512  # lines validated (and tokenized) together
+SCAN_CHUNK = 512  # lines validated (and tokenized) together ...
+SCAN_CHUNK_BYTES = 4 << 20  # ... or fewer, when they hold this many bytes
 ENGINE_DEFAULT_CONTEXT = 2048  # the context the engine assumes when config.json names none
 
 
@@ -34,6 +35,7 @@ class Pending:
     offsets: array
     line_nos: array
     done: array
+    tokens: array  # prompt tokens of each line: windows are bounded in tokens too
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -66,29 +68,57 @@ def engine_params_factory() -> Callable[..., Any] | None:
 # pass 1: validation
 
 
-def iter_lines(path: str | Path, offsets: array | None = None) -> Iterator[tuple[int, int, bytes]]:
-    """(line number, byte offset, raw line) of the non-blank lines of a file; with `offsets`, only those offsets
-    (paired with line numbers by the caller) are read back, by seeking."""
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class LongLine:
+    """A line longer than any request this model can run; skipped unread (only its size is known)."""
+
+    size: int
+
+
+def iter_lines(path: str | Path, offsets: array | None = None, max_bytes: int | None = None
+               ) -> Iterator[tuple[int, int, bytes | LongLine]]:
+    """(line number, byte offset, raw line) of the non-blank lines of a file; a UTF-8 byte order mark at its start
+    is skipped. A line of more than `max_bytes` comes as a LongLine, never held in memory. With `offsets`, only
+    those offsets (paired with line numbers by the caller) are read back, by seeking."""
     with open(path, "rb") as f:
-        if offsets is None:
-            pos = 0
-            for n, raw in enumerate(f, start=1):
-                if raw.strip():
-                    yield n, pos, raw
-                pos += len(raw)
-        else:
+        if offsets is not None:
             for off in offsets:
                 f.seek(off)
                 yield 0, off, f.readline()
+            return
+        pos, n = 0, 0
+        limit = -1 if max_bytes is None else max_bytes + 1
+        while raw := f.readline(limit):
+            n += 1
+            start = pos
+            pos += len(raw)
+            if max_bytes is not None and len(raw) > max_bytes and not raw.endswith(b"\n"):
+                size = len(raw)
+                while raw and not raw.endswith(b"\n"):  # the rest of the line, a block at a time
+                    raw = f.readline(1 << 20)
+                    size += len(raw)
+                pos += size - limit
+                yield n, start, LongLine(size)
+                continue
+            if n == 1 and raw.startswith(BOM):
+                raw, start = raw[len(BOM):], start + len(BOM)
+            if raw.strip():
+                yield n, start, raw
 
 
-def _chunks(it: Iterator, size: int) -> Iterator[list]:
-    buf = []
+def _chunks(it: Iterator, size: int, max_bytes: int = SCAN_CHUNK_BYTES) -> Iterator[list]:
+    """Lists of at most `size` items and about `max_bytes` of raw line (the third element of each item)."""
+    buf, nbytes = [], 0
     for x in it:
         buf.append(x)
-        if len(buf) >= size:
+        raw = x[2]
+        nbytes += len(raw) if isinstance(raw, bytes) else 0
+        if len(buf) >= size or nbytes >= max_bytes:
             yield buf
-            buf = []
+            buf, nbytes = [], 0
     if buf:
         yield buf
 
@@ -104,11 +134,20 @@ class Validator:
     make_params: Callable[..., Any] | None = None
     job_seed: int = 0  # requests without a seed sample with derive_seed(job_seed, custom_id): stable across resumes
 
+    @property
+    def max_line_bytes(self) -> int | None:
+        """The longest input line that could hold a request fitting the context: its prompt text at most the bytes
+        of 4 x context tokens of the longest kind (PromptEncoder.too_long), each byte at most 6 in JSON
+        ("\\u00e9"), plus 1 MiB for the other fields. Longer lines are refused unread."""
+        if self.max_model_len is None:
+            return None
+        return 6 * 4 * self.encoder.max_token_bytes * self.max_model_len + (1 << 20)
+
     def prepare(self, reqs: list[ob.BatchRequest]) -> list[tuple[list[int], Any] | ob.LineError]:
         """(prompt token ids, sampling params) per request, or its LineError. Sampling params are engine
         SamplingParams when make_params is set, else the keyword dict."""
         out: list[tuple[list[int], Any] | ob.LineError] = []
-        for req, ids in zip(reqs, self.encoder.encode_many([r.prompt_input for r in reqs])):
+        for req, ids in zip(reqs, self.encoder.encode_many([r.prompt_input for r in reqs], self.max_model_len)):
             try:
                 if isinstance(ids, ob.InvalidLine):
                     raise ids
@@ -135,12 +174,17 @@ def scan_input(path: str | Path, validator: Validator, resume: ResumeIndex, writ
     runnable line, flagged when already done. First occurrence of a custom_id claims it; later lines with it are
     duplicates (error lines with custom_id null, so OUT never repeats a custom_id)."""
     seen: set[str] = set()
-    pending = Pending(array("q"), array("q"), array("b"))
-    for block in _chunks(iter_lines(path), chunk):
+    pending = Pending(array("q"), array("q"), array("b"), array("i"))
+    for block in _chunks(iter_lines(path, max_bytes=validator.max_line_bytes), chunk):
         parsed: list[tuple[int, ob.BatchRequest | ob.LineError]] = []
         for line_no, off, raw in block:
             totals.lines_total += 1
-            item = ob.parse_line(raw, line_no)
+            if isinstance(raw, LongLine):
+                item = ob.line_error(line_no, None, ob.E_CONTEXT, f"the line is {raw.size} bytes, more than any "
+                                     f"request fitting the model's context could be ({validator.max_line_bytes} "
+                                     "bytes): refused unread")
+            else:
+                item = ob.parse_line(raw, line_no)
             cid = item.custom_id
             if cid is not None and cid in seen:
                 item = ob.line_error(line_no, None, ob.E_DUPLICATE, f"custom_id {cid!r} repeats an earlier line")
@@ -162,6 +206,7 @@ def scan_input(path: str | Path, validator: Validator, resume: ResumeIndex, writ
                     pending.offsets.append(off)
                     pending.line_nos.append(item.line_no)
                     pending.done.append(int(done))
+                    pending.tokens.append(len(res[0]))
                     continue
             if done:
                 continue
@@ -174,11 +219,6 @@ def _already_done(item: ob.BatchRequest | ob.LineError, resume: ResumeIndex) -> 
     if item.custom_id is not None:
         return item.custom_id in resume.custom_ids
     return item.line_no in resume.error_lines
-
-
-def read_pending(path: str | Path, pending: Pending, start: int, stop: int) -> list[ob.BatchRequest | ob.LineError]:
-    """Pass 2: parses the runnable lines pending[start:stop] again (they passed pass 1)."""
-    return read_lines_at(path, pending.offsets[start:stop], pending.line_nos[start:stop])
 
 
 def read_lines_at(path: str | Path, offsets: Sequence[int], line_nos: Sequence[int]

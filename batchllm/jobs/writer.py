@@ -50,6 +50,8 @@ def recover(path: str | Path) -> ResumeIndex:
     """Reads an existing output file into a ResumeIndex. Changes the file: a torn or unparsable last line is
     truncated away (back to the end of the last complete line). Raises CorruptOutput for a broken line elsewhere."""
     index = ResumeIndex()
+    if str(path) == "-":  # streamed to standard output: nothing to resume
+        return index
     path = Path(path)
     if not path.exists():
         return index
@@ -86,14 +88,29 @@ def _parse_complete(raw: bytes) -> dict | None:
     return record if isinstance(record, dict) and "id" in record else None
 
 
+def encode_line(record: dict) -> bytes:
+    """One JSON line, UTF-8. A string holding a lone surrogate (legal in JSON, e.g. "\\ud800" from half an emoji)
+    cannot be UTF-8: such a record is written with ASCII escapes, which read back as the same strings."""
+    text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
+
+
 class ResultWriter:
-    """Appends JSON lines to a file; flushes and fsyncs in small batches. Use as a context manager or call close()."""
+    """Appends JSON lines to a file (or streams them to standard output for the path "-"); flushes and fsyncs in
+    small batches. Use as a context manager or call close()."""
 
     def __init__(self, path: str | Path, sync_every: int = 32, sync_interval_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic):
+        self.stream = str(path) == "-"
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "ab")
+        if self.stream:
+            self._f = os.fdopen(os.dup(1), "wb")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "ab")
         self._sync_every = max(1, sync_every)
         self._sync_interval_s = sync_interval_s
         self._clock = clock
@@ -104,7 +121,7 @@ class ResultWriter:
 
     def write(self, record: dict) -> None:
         """Appends one record as a JSON line; syncs when the batch is full or old enough."""
-        self._f.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n")
+        self._f.write(encode_line(record))
         self.lines_written += 1
         self._unsynced += 1
         if self._unsynced >= self._sync_every or self._clock() - self._last_sync >= self._sync_interval_s:
@@ -114,7 +131,8 @@ class ResultWriter:
         """Flushes buffered lines and fsyncs the file."""
         if self._unsynced:
             self._f.flush()
-            os.fsync(self._f.fileno())
+            if not self.stream:
+                os.fsync(self._f.fileno())
             self.syncs += 1
             self._unsynced = 0
         self._last_sync = self._clock()
