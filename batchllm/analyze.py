@@ -46,7 +46,7 @@ def main(args) -> int:
                     continue
                 try:
                     item = prompt_input_of(json.loads(line))
-                except ValueError:
+                except (ValueError, RecursionError):  # not JSON, or nested too deeply to read
                     item = None
                 if item is None:
                     skipped += 1

@@ -23,6 +23,20 @@ def test_analyze_reports_figures(tiny_llama, tmp_path, capsys):
     assert figures["nested_num_groups"] == 1
 
 
+def test_analyze_skips_lines_it_cannot_use_and_refuses_a_zero_block_size(tiny_llama, tmp_path, capsys):
+    no_content = {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"messages": [{"role": "user"}]}}
+    lines = [json.dumps(no_content), "[" * 5000 + "]" * 5000, '{"prompt": "\\ud800 half an emoji"}',
+             json.dumps({"prompt": "a plain prompt"})]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["analyze", str(path), "--model", str(tiny_llama), "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert (figures["num_requests"], figures["skipped_lines"]) == (1, 3)
+    assert main(["analyze", str(path), "--model", str(tiny_llama), "--block-size", "0"]) == 2
+    assert "--block-size must be >= 1" in capsys.readouterr().err
+
+
 def test_bench_passes_its_arguments_through():
     import subprocess
     import sys
