@@ -1,9 +1,9 @@
 """batchllm: offline, throughput-first LLM batch inference with global prefix sharing."""
 
 from batchllm.outputs import CompletionOutput, RequestOutput
-from batchllm.sampling_params import SamplingParams
+from batchllm.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 

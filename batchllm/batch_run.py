@@ -103,7 +103,7 @@ class BatchRun:
         for (req, k), leaf in zip(flat, seqs.leaves):
             self._leaf[leaf.seq_id] = (req, k)
             req.leaves.append(leaf)
-            req.samples.append(LeafOutput(k, req.params, self.engine.tokenizer, req.prompt_ids))
+            req.samples.append(LeafOutput(k, req.params, self.engine.tokenizer, req.prompt_ids, self.engine.grammars))
             req.pending += 1
         self.scheduler.add(seqs.roots)
 
@@ -126,7 +126,7 @@ class BatchRun:
         plan = self.scheduler.schedule()
         if not plan.seqs:
             return self._fail_stuck()
-        rows = [SampleRow(s, self._leaf[s.seq_id][0].params, self._seed(s))
+        rows = [SampleRow(s, self._leaf[s.seq_id][0].params, self._seed(s), self._sample(s).matcher)
                 for i, s in enumerate(plan.seqs) if plan.samples(i)]
         result, prompt_lps = self.engine.runner.execute(plan, rows)
         for row in prompt_lps:
@@ -149,6 +149,10 @@ class BatchRun:
                 if done is not None and self._finish_leaf(row.seq):
                     finished.append(req)
         return finished
+
+    def _sample(self, seq: Sequence) -> LeafOutput:
+        req, k = self._leaf[seq.seq_id]
+        return req.samples[k]
 
     def _seed(self, seq: Sequence) -> int:
         req, k = self._leaf[seq.seq_id]

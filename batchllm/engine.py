@@ -22,6 +22,7 @@ from batchllm.model.decoder import DecoderModel
 from batchllm.model.loader import load_weights
 from batchllm.model_config import ModelConfig
 from batchllm.runner import ModelRunner
+from batchllm.structured import Grammars
 
 
 class Engine:
@@ -45,6 +46,7 @@ class Engine:
         eos = self.model_config.eos_token_ids or (
             (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
         self.eos_token_ids = frozenset(eos)
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, tuple(sorted(eos)))
         self.runner = ModelRunner(self.model, self.kv, min(eos) if eos else None)
         self.load_timings["load_s"] = time.perf_counter() - start
 

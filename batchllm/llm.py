@@ -178,8 +178,10 @@ class LLM:
             error = ids if isinstance(ids, InvalidPrompt) else check_fits(
                 len(ids), sp.max_tokens, engine.model_config.max_model_len, engine.config.kv_cache_blocks,
                 engine.config.block_size)
-            requests.append(Request(i, text, ids if isinstance(ids, list) else [], sp, seed,
-                                    None if error is None else error.message))
+            message = None if error is None else error.message
+            if message is None and sp.structured_outputs is not None:
+                message = engine.grammars.check(sp.structured_outputs)  # compiled once per distinct constraint
+            requests.append(Request(i, text, ids if isinstance(ids, list) else [], sp, seed, message))
         return requests
 
 

@@ -20,15 +20,18 @@ from batchllm.request import Sequence
 from batchllm.sampler import SampleResult, SamplingBatch, sample
 from batchllm.sampling_params import SamplingParams
 from batchllm.scheduler import StepPlan
+from batchllm.structured import MaskFiller
 
 
 @dataclass
 class SampleRow:
-    """What the sampler needs of one sampling sequence."""
+    """What the sampler needs of one sampling sequence; `matcher`: its structured-output constraint (llguidance),
+    None without one."""
 
     seq: Sequence
     params: SamplingParams
     seed: int
+    matcher: object = None
 
 
 class ModelRunner:
@@ -37,6 +40,7 @@ class ModelRunner:
         self.kv = kv
         self.device = kv.device
         self.eos_token_id = eos_token_id
+        self._masks: MaskFiller | None = None
 
     def build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, list[tuple[Sequence, int]]]:
         """Pack the plan into one ForwardBatch. Its logits rows are the last row of each sampling leaf (in plan
@@ -125,11 +129,20 @@ class ModelRunner:
         """Run the step's forward pass, sample one token for each of `rows` (the plan's sampling leaves), and compute
         the prompt logprobs of the rows that want them."""
         batch, lp_of = self.build_batch(plan)
+        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        masks = None
+        if constrained:  # the constrained rows' token masks, computed while the model runs
+            if self._masks is None:
+                self._masks = MaskFiller(self.model.cfg.vocab_size)
+            masks = self._masks.start([rows[i].matcher for i in constrained])
         hidden = self.model(batch, self.kv.layers)  # [B + P, hidden]
         prompt_lps = self._prompt_logprobs(hidden[len(rows):], lp_of) if lp_of else []
         if not rows:
             return None, prompt_lps
         logits = self.model.logits(hidden[:len(rows)])  # [B, V]
+        grammar = None
+        if masks is not None:
+            grammar = (torch.tensor(constrained, dtype=torch.int64, device=self.device), masks.result())  # [R], [R, W]
         need_prompt = any(r.params.repetition_penalty != 1.0 for r in rows)
         sbatch = SamplingBatch.build(
             params=[r.params for r in rows],
@@ -141,7 +154,7 @@ class ModelRunner:
             vocab_size=logits.shape[-1],
             device=self.device,
         )
-        return sample(logits, sbatch), prompt_lps
+        return sample(logits, sbatch, grammar), prompt_lps
 
     def _prompt_logprobs(self, hidden: torch.Tensor, lp_of: list[tuple[Sequence, int]]) -> list[PromptLogprobRow]:
         """log-softmax (fp32) of the rows' logits, in chunks of LP_CHUNK rows (a chunk's logits are [rows, vocab]):

@@ -6,7 +6,8 @@ Processing order of one step, for every row of the batch (documented contract, t
    divided by the penalty, negative ones multiplied), then frequency (``- f * count`` over output tokens), then
    presence (``- p * [count > 0]`` over output tokens);
 2. min_tokens: while the output is shorter than ``min_tokens`` the eos token (unless ``ignore_eos``) and every
-   ``stop_token_ids`` entry get ``-inf``;
+   ``stop_token_ids`` entry get ``-inf``; structured outputs: every token the row's constraint forbids gets ``-inf``
+   (its packed bitmask, see ``batchllm.structured``; rows without a constraint are not touched);
    -> the *logprobs* reported are ``log_softmax`` of the logits at this point (after penalties and the min_tokens
    mask, before temperature and filtering), i.e. the model's distribution as the penalties shape it, like vLLM's
    "processed" logprobs without the temperature;
@@ -34,6 +35,7 @@ import torch
 
 from batchllm.model.cpu_kernels import load_fused_ops
 from batchllm.sampling_params import SamplingParams
+from batchllm.structured import apply_bitmask
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -359,13 +361,19 @@ def greedy_tokens(x: torch.Tensor) -> torch.Tensor:
     return torch.argmax(x.float(), dim=-1)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
-    """Choose one token per row of ``logits`` [B, V] (any float dtype); ``logits`` is not modified."""
+def sample(logits: torch.Tensor, batch: SamplingBatch,
+           grammar: tuple[torch.Tensor, torch.Tensor] | None = None) -> SampleResult:
+    """Choose one token per row of ``logits`` [B, V] (any float dtype); ``logits`` is not modified. ``grammar``:
+    (rows [R], their packed bitmask [R, W] int32) of the rows under a structured-output constraint."""
     if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
         raise ValueError(f"logits must be [{batch.num_rows}, V], got {tuple(logits.shape)}")
     if logits.shape[1] != batch.vocab_size:
         raise ValueError(f"logits have {logits.shape[1]} columns, the batch was built for {batch.vocab_size}")
     x = apply_penalties(logits, batch)  # [B, V]
+    if grammar is not None:
+        if x is logits:
+            x = logits.clone()  # [B, V]
+        apply_bitmask(x, *grammar)
 
     lp = None
     if batch.max_logprobs >= 0:

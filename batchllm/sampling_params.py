@@ -6,13 +6,16 @@ How the sampler applies them, step by step, is documented in `batchllm.sampler`.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
 MAX_LOGPROBS = 20
 MAX_N = 1024  # samples per request: more is not one request but a job of its own
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -53,6 +56,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None
     prompt_logprobs_from: int = 1
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         """Validate every field; rewrite ``stop``/``stop_token_ids`` as tuples and numbers as float where needed."""
@@ -99,6 +103,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if not isinstance(self.skip_special_tokens, bool):
             raise ValueError(f"skip_special_tokens must be a bool, got {self.skip_special_tokens!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
 
     def _check_int(self, name: str, minimum: int | None = None) -> None:
         value = getattr(self, name)
@@ -122,6 +128,84 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's StructuredOutputsParams): exactly one of
+
+    ``json``         a JSON schema (a dict, or its JSON text): the output is one JSON value valid under it;
+    ``json_object``  True: the output is any JSON object;
+    ``regex``        the output matches this regular expression (whole output);
+    ``choice``       the output is exactly one of these strings;
+    ``grammar``      a context-free grammar, in Lark syntax or GBNF (llama.cpp's, recognised by ``::=``).
+
+    ``disable_any_whitespace``: JSON without free whitespace between tokens (compact output). Grammars compile
+    with llguidance, once per distinct constraint text per engine; a constraint that cannot compile fails its
+    request alone. EOS is allowed only where the grammar accepts, and the output ends where the grammar cannot
+    go on. Validated on construction (ValueError naming the field); the grammar itself is checked by the engine.
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object:
+            given.append("json_object")
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, regex, choice, grammar or json_object, "
+                             f"got {given or 'none'}")
+        if self.json is not None:
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            if not isinstance(schema, dict | bool):
+                raise ValueError(f"structured_outputs.json must be a JSON schema object, got {type(schema).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not isinstance(self.choice, Sequence) or not self.choice:
+                raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+            if not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("structured_outputs.choice must hold non-empty strings only")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if not isinstance(self.json_object, bool) or not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError("structured_outputs.json_object and disable_any_whitespace must be booleans")
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """(kind, canonical text, compact): equal keys compile to the same grammar."""
+        if self.json is not None:
+            schema = json.loads(self.json) if isinstance(self.json, str) else self.json
+            return "json", json.dumps(schema, sort_keys=True, separators=(",", ":")), self.disable_any_whitespace
+        if self.json_object:
+            return "json", '{"type":"object"}', self.disable_any_whitespace
+        if self.choice is not None:
+            return "choice", json.dumps(list(self.choice)), False
+        if self.regex is not None:
+            return "regex", self.regex, False
+        return "grammar", str(self.grammar), False
+
+    @classmethod
+    def from_dict(cls, value: Any) -> StructuredOutputsParams:
+        """From the JSON form (a batch line's body.structured_outputs). Raises ValueError naming the field."""
+        if not isinstance(value, dict):
+            raise ValueError("structured_outputs must be an object")
+        known = {"json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"structured_outputs: unsupported field(s) {', '.join(unknown)}")
+        return cls(**value)
 
 
 def _normalise_stop(stop) -> tuple[str, ...]:

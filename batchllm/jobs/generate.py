@@ -111,6 +111,7 @@ def write_result(writer: ResultWriter, req: ob.BatchRequest, out: Any, totals: J
     totals.ok += 1
     totals.prompt_tokens += len(out.prompt_token_ids)
     totals.output_tokens += sum(len(o.token_ids) for o in out.outputs)
+    totals.structured_incomplete += sum(getattr(o, "structured_output_complete", None) is False for o in out.outputs)
     prompt_text = None
     if req.echo:
         prompt_text = req.prompt if req.prompt is not None else (

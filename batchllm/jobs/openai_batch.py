@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchllm.inputs import E_CONTEXT, E_PARAM, InvalidPrompt, PromptInput, check_fits
+from batchllm.sampling_params import StructuredOutputsParams
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -33,7 +34,9 @@ COMMON_FIELDS = frozenset({
     # extensions accepted by vLLM and SGLang servers
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
     # accepted only with their neutral value
-    "stream", "stream_options", "logit_bias", "response_format",
+    "stream", "stream_options", "logit_bias",
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
 })
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
@@ -245,7 +248,6 @@ def sampling_kwargs(body: dict, chat: bool) -> dict[str, Any]:
     _neutral(body, "stream", lambda v: v is False, "streaming is not supported in batch jobs")
     _neutral(body, "stream_options", lambda v: False, "not supported in batch jobs")
     _neutral(body, "logit_bias", lambda v: v == {}, "not supported")
-    _neutral(body, "response_format", lambda v: v == {"type": "text"}, "only {'type': 'text'} is supported")
     _neutral(body, "echo", lambda v: isinstance(v, bool), "echo must be a boolean")
     _neutral(body, "suffix", lambda v: False, "suffix is not supported")
     kw: dict[str, Any] = {}
@@ -303,11 +305,55 @@ def sampling_kwargs(body: dict, chat: bool) -> dict[str, Any]:
         if sti:
             kw["stop_token_ids"] = list(sti)
     _logprobs_kwargs(body, chat, kw)
+    constraint = structured_outputs(body)
+    if constraint is not None:
+        kw["structured_outputs"] = constraint
     if echo and kw.get("logprobs") is not None:
         kw["prompt_logprobs"] = kw["logprobs"]  # the legacy API's echo: logprobs of the prompt's tokens too
     if echo and max_tokens == 0 and "prompt_logprobs" not in kw:
         raise InvalidLine(E_PARAM, "max_tokens 0 with echo needs logprobs (what else would the line return?)")
     return kw
+
+
+def structured_outputs(body: dict) -> StructuredOutputsParams | None:
+    """The body's output constraint, from exactly one of: `response_format` ({"type": "json_object"} or
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}; {"type": "text"} is none), vLLM's
+    `structured_outputs` object (json, regex, choice, grammar, json_object) or its older `guided_json`,
+    `guided_regex`, `guided_choice`, `guided_grammar`. Raises InvalidLine naming the field. (Whether the grammar
+    compiles is checked with the tokenizer, in `jobs.scan.Validator`.)"""
+    given = [k for k in ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                         "guided_grammar") if body.get(k) is not None]
+    if not given or given == ["response_format"] and body["response_format"] == {"type": "text"}:
+        return None
+    if len(given) > 1:
+        raise InvalidLine(E_PARAM, f"one output constraint per request, got {', '.join(given)}")
+    field_name, value = given[0], body[given[0]]
+    try:
+        if field_name == "structured_outputs":
+            return StructuredOutputsParams.from_dict(value)
+        if field_name.startswith("guided_"):
+            return StructuredOutputsParams(**{field_name[len("guided_"):]: value})
+        return _response_format(value)
+    except ValueError as e:
+        raise InvalidLine(E_PARAM, f"{field_name}: {e}") from None
+
+
+def _response_format(value: Any) -> StructuredOutputsParams | None:
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise ValueError("type must be 'text', 'json_object' or 'json_schema'")
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ValueError("json_schema must be an object with a 'schema' object (and a 'name')")
+    if "name" in spec and not isinstance(spec["name"], str):
+        raise ValueError("json_schema.name must be a string")
+    if "strict" in spec and not isinstance(spec["strict"], bool | None):
+        raise ValueError("json_schema.strict must be a boolean")
+    return StructuredOutputsParams(json=spec["schema"])
 
 
 def _logprobs_kwargs(body: dict, chat: bool, kw: dict[str, Any]) -> None:

@@ -55,8 +55,8 @@ def chat_body(req: BatchRequest, out: Any, model_name: str, created: int,
     for o in sorted(out.outputs, key=lambda c: c.index):
         k = req.sampling.get("logprobs")
         lp = _chat_logprobs(o, k, token_text) if k is not None else None
-        choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
-                        "logprobs": lp, "finish_reason": _finish(o.finish_reason)})
+        choices.append(_constrained(o, {"index": o.index, "message": {"role": "assistant", "content": o.text},
+                                        "logprobs": lp, "finish_reason": _finish(o.finish_reason)}))
     return {"id": f"chatcmpl-{req.line_no}", "object": "chat.completion", "created": created,
             "model": model_name, "choices": choices, "usage": usage(out)}
 
@@ -75,9 +75,18 @@ def completion_body(req: BatchRequest, out: Any, model_name: str, created: int,
             if entries is not None:
                 entries = _prompt_entries(out, k, token_text) + entries
         lp = _completion_logprobs(entries) if entries is not None else None
-        choices.append({"index": o.index, "text": text, "logprobs": lp, "finish_reason": _finish(o.finish_reason)})
+        choices.append(_constrained(o, {"index": o.index, "text": text, "logprobs": lp,
+                                        "finish_reason": _finish(o.finish_reason)}))
     return {"id": f"cmpl-{req.line_no}", "object": "text_completion", "created": created,
             "model": model_name, "choices": choices, "usage": usage(out)}
+
+
+def _constrained(o: Any, choice: dict) -> dict:
+    """A constrained choice says whether its text is complete under the constraint (false: max_tokens cut it)."""
+    complete = getattr(o, "structured_output_complete", None)
+    if complete is not None:
+        choice["structured_output_complete"] = complete
+    return choice
 
 
 def _finish(reason: Any) -> str:

@@ -25,6 +25,7 @@ class JobTotals:
     engine_prompt_tokens: int = 0  # logical prompt tokens the engine was handed (llm.stats())
     computed_prompt_tokens: int = 0
     output_tokens: int = 0
+    structured_incomplete: int = 0  # constrained outputs cut short by max_tokens (finish_reason "length")
     engine_elapsed_s: float = 0.0
     preemptions: int = 0
     peak_kv_blocks: int = 0
@@ -72,6 +73,7 @@ def summary(totals: JobTotals, elapsed_s: float) -> dict:
         "tokens": {"prompt": totals.prompt_tokens, "computed_prompt": totals.computed_prompt_tokens,
                    "output": totals.output_tokens, "total": tokens},
         "prefix_saving": round(saving, 6),
+        "structured_outputs_cut_short": totals.structured_incomplete,
         "throughput": {"requests_per_s": round((totals.ok + totals.failed_engine) / el, 3),
                        "total_tokens_per_s": round(tokens / el, 3),
                        "output_tokens_per_s": round(totals.output_tokens / el, 3)},
@@ -95,6 +97,9 @@ def format_summary(s: dict) -> str:
         f"throughput: {th['total_tokens_per_s']:.1f} tok/s total, {th['output_tokens_per_s']:.1f} output tok/s, "
         f"{th['requests_per_s']:.2f} req/s; elapsed {s['elapsed_s']:.2f} s",
     ]
+    if s.get("structured_outputs_cut_short"):
+        lines.append(f"structured outputs: {s['structured_outputs_cut_short']} cut short by max_tokens "
+                     "(finish_reason length, structured_output_complete false): raise max_tokens for them")
     if s.get("kv_blocks_total"):
         lines.append(f"KV: peak {s['peak_kv_blocks']}/{s['kv_blocks_total']} blocks, {s['preemptions']} preemptions")
     if s.get("machine"):

@@ -135,6 +135,16 @@ class Validator:
     job_seed: int = 0  # requests without a seed sample with derive_seed(job_seed, custom_id): stable across resumes
 
     @property
+    def grammars(self):
+        """The structured-output constraints compiled with this tokenizer (batchllm.structured, loaded on the first
+        line that has one)."""
+        if getattr(self, "_grammars", None) is None:
+            from batchllm.structured import Grammars
+
+            self._grammars = Grammars(self.encoder.tokenizer, self.encoder.vocab_size or len(self.encoder.tokenizer))
+        return self._grammars
+
+    @property
     def max_line_bytes(self) -> int | None:
         """The longest input line that could hold a request fitting the context: its prompt text at most the bytes
         of 4 x context tokens of the longest kind (PromptEncoder.too_long), each byte at most 6 in JSON
@@ -156,6 +166,11 @@ class Validator:
                     kw["seed"] = derive_seed(self.job_seed, req.custom_id)
                 kw["max_tokens"] = ob.resolve_max_tokens(kw.get("max_tokens"), len(ids), self.max_model_len,
                                                          self.default_max_tokens)
+                constraint = kw.get("structured_outputs")
+                if constraint is not None:
+                    error = self.grammars.check(constraint)  # compiled once per distinct constraint
+                    if error is not None:
+                        raise ob.InvalidLine(ob.E_PARAM, error)
                 params = kw
                 if self.make_params is not None:
                     try:

@@ -14,6 +14,7 @@ void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::
                    const at::Tensor& positions, at::Tensor& kv, const at::Tensor& slots);
 at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index);
 at::Tensor argmax_rows(const at::Tensor& x);
+void apply_token_bitmask(at::Tensor& x, const at::Tensor& rows, const at::Tensor& mask);
 bool bf16_kernels();
 at::Tensor gemm_pack_weight(const at::Tensor& w, bool gated);
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
@@ -47,4 +48,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("gated") = false);
   m.def("argmax_rows", &argmax_rows, "per row the index of the largest bf16 value (as torch.argmax in fp32)");
+  m.def("apply_token_bitmask", &apply_token_bitmask, "-inf in x[rows[i]] wherever bit t of mask[i] is 0 (in place)");
 }

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "vec.h"
@@ -310,3 +311,53 @@ void rope_write_kv(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor
 at::Tensor merge(const at::Tensor&, const at::Tensor&, const at::Tensor&) { unavailable(); return {}; }
 at::Tensor argmax_rows(const at::Tensor&) { unavailable(); return {}; }
 #endif
+
+// apply_token_bitmask(x [B, V] fp32/bf16/fp16, rows [R] int64, mask [R, W] int32): x[rows[i], t] = -inf for every
+// token t whose bit (t % 32 of word t / 32) is 0 in mask[i], and for t >= 32 W. In place; plain C++ (every build):
+// a word of all ones is skipped, a word of zeros is one fill, so a row costs about its forbidden tokens' stores.
+namespace {
+
+template <typename T>
+void mask_row(T* row, const int32_t* words, int64_t W_, int64_t V_, T neg_inf) {
+  for (int64_t w = 0; w < W_; ++w) {
+    const uint32_t bits = static_cast<uint32_t>(words[w]);
+    const int64_t base = w * 32;
+    if (bits == 0xFFFFFFFFu || base >= V_) continue;
+    const int64_t end = std::min<int64_t>(base + 32, V_);
+    if (bits == 0) {
+      std::fill(row + base, row + end, neg_inf);
+      continue;
+    }
+    for (int64_t t = base; t < end; ++t)
+      if (!((bits >> (t - base)) & 1u)) row[t] = neg_inf;
+  }
+  if (W_ * 32 < V_) std::fill(row + W_ * 32, row + V_, neg_inf);
+}
+
+template <typename T>
+void mask_rows(T* x, const int64_t* rows, const int32_t* mask, int64_t R, int64_t W_, int64_t V_, T neg_inf) {
+  at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) mask_row(x + rows[i] * V_, mask + i * W_, W_, V_, neg_inf);
+  });
+}
+
+}  // namespace
+
+void apply_token_bitmask(at::Tensor& x, const at::Tensor& rows, const at::Tensor& mask) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous CPU [B, V] tensor");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(), "rows must be [R] int64");
+  TORCH_CHECK(mask.scalar_type() == at::kInt && mask.dim() == 2 && mask.is_contiguous() && mask.size(0) == rows.size(0),
+              "mask must be a contiguous [R, W] int32 tensor");
+  const int64_t B = x.size(0), V_ = x.size(1), R = rows.size(0), W_ = mask.size(1);
+  const int64_t* pr = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i) TORCH_CHECK(pr[i] >= 0 && pr[i] < B, "rows out of range");
+  const int32_t* pm = mask.data_ptr<int32_t>();
+  if (x.scalar_type() == at::kFloat) {
+    mask_rows(x.data_ptr<float>(), pr, pm, R, W_, V_, -std::numeric_limits<float>::infinity());
+  } else if (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) {
+    const uint16_t neg_inf = x.scalar_type() == at::kBFloat16 ? 0xFF80 : 0xFC00;
+    mask_rows(reinterpret_cast<uint16_t*>(x.data_ptr()), pr, pm, R, W_, V_, neg_inf);
+  } else {
+    TORCH_CHECK(false, "x must be float32, bfloat16 or float16");
+  }
+}
