@@ -8,6 +8,7 @@ sequences below that node, so the node's KV is read once per step for the whole 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,8 +133,9 @@ class ModelRunner:
         constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
         masks = None
         if constrained:  # the constrained rows' token masks, computed while the model runs
-            if self._masks is None:
-                self._masks = MaskFiller(self.model.cfg.vocab_size)
+            if self._masks is None:  # overlap the forward where it leaves cores idle
+                spare = self.device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
+                self._masks = MaskFiller(self.model.cfg.vocab_size, overlap=spare)
             masks = self._masks.start([rows[i].matcher for i in constrained])
         hidden = self.model(batch, self.kv.layers)  # [B + P, hidden]
         prompt_lps = self._prompt_logprobs(hidden[len(rows):], lp_of) if lp_of else []

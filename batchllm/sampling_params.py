@@ -5,6 +5,7 @@ How the sampler applies them, step by step, is documented in `batchllm.sampler`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -182,9 +183,9 @@ class StructuredOutputsParams:
         if not isinstance(self.json_object, bool) or not isinstance(self.disable_any_whitespace, bool):
             raise ValueError("structured_outputs.json_object and disable_any_whitespace must be booleans")
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple[str, str, bool]:
-        """(kind, canonical text, compact): equal keys compile to the same grammar."""
+        """(kind, canonical text, compact): equal keys compile to the same grammar (computed once)."""
         if self.json is not None:
             schema = json.loads(self.json) if isinstance(self.json, str) else self.json
             return "json", json.dumps(schema, sort_keys=True, separators=(",", ":")), self.disable_any_whitespace

@@ -4,8 +4,9 @@ the step's token masks (a packed bitmask per constrained row) applied to the log
     Grammars(tokenizer, vocab_size)   compiles each distinct constraint once (cache keyed by its text): `check`
                                       says why one cannot compile, `matcher` gives a fresh matcher (a copy of the
                                       compiled one, ~2 us)
-    MaskFiller                        fills the bitmask of the step's constrained rows on a worker thread
-                                      (llguidance releases the GIL), so it overlaps the model's forward pass
+    MaskFiller                        fills the bitmask of the step's constrained rows, on a worker thread
+                                      while the model runs where cores would idle (llguidance releases the
+                                      GIL), else first, on all of torch's threads
     apply_bitmask(logits, rows, mask) -inf to every token a row's mask forbids (any device)
 
 Why llguidance (measured on SmolLM2-135M's 49k vocabulary, Zen 5, see docs/structured-outputs.md): its masks cost
@@ -104,18 +105,26 @@ def _first_line(e: Any) -> str:
 
 
 class MaskFiller:
-    """Fills the bitmask of a step's constrained rows. `start` returns a Future; llguidance computes the masks of
-    all rows in parallel threads without the GIL, so the forward pass runs meanwhile."""
+    """Fills the bitmask of a step's constrained rows. `start` returns a Future. With `overlap`, a worker thread
+    computes it while the model runs (llguidance works without the GIL): right where the forward pass leaves CPU
+    cores idle (an accelerator, or more cores than torch uses). Without it (every core busy in the forward), the
+    masks are computed at once on all of torch's threads: measured on 2 cores, overlapping there cost 10% of an
+    extraction job (cores oversubscribed) where computing them first cost 3%."""
 
-    def __init__(self, vocab_size: int, threads: int | None = None):
+    def __init__(self, vocab_size: int, overlap: bool, threads: int | None = None):
         self.words = (vocab_size + 31) // 32
+        self.overlap = overlap
+        self._threads = threads or torch.get_num_threads()
         self._executor = None
-        self._threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchllm-masks")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchllm-masks") if overlap else None
 
     def start(self, matchers: list) -> Future:
         """The int32 bitmask [len(matchers), words] of these matchers (bit t of row i: token t allowed)."""
-        return self._pool.submit(self._fill, matchers)
+        if self._pool is not None:
+            return self._pool.submit(self._fill, matchers)
+        done: Future = Future()
+        done.set_result(self._fill(matchers))
+        return done
 
     def _fill(self, matchers: list) -> torch.Tensor:
         import llguidance
