@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.models import MODEL_SHAPES, REAL_MODELS, REPO, ensure_model
 from benchmarks.real_workloads import PLAIN_MODULES, _docstring
+from benchmarks.side_by_side import add_common_args, parse, run_runner
 
 RUNNER = REPO / "benchmarks" / "peers" / "score_runner.py"
-PEERS = REPO / ".cache" / "peers"
 ENGINES = ("batchllm", "vllm", "hf")
 SHOTS, CHOICES = 5, 4
 
@@ -45,21 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--subjects", type=int, default=2)
     ap.add_argument("--questions", type=int, default=40, help="questions per subject")
     ap.add_argument("--answers", default="text", choices=["text", "letters"])
-    ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="every engine's dtype (batchllm's bf16 is its fast path where the CPU has one)")
-    ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kv-bytes", type=int, default=2 << 30, help="KV budget of batchllm and vLLM")
-    ap.add_argument("--timeout", type=float, default=7200, help="seconds per engine run")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(REPO / "bench-results"))
-    args = ap.parse_args(argv)
-    args.engines = [e for e in args.engines.split(",") if e]
-    for e in args.engines:
-        if e not in ENGINES:
-            ap.error(f"unknown engine {e!r}; expected one of {ENGINES}")
-    return args
+    add_common_args(ap, ENGINES, rounds=1, timeout=7200)
+    return parse(ap, argv, ENGINES)
 
 
 def _words(module: str) -> list[str]:
@@ -120,32 +108,9 @@ def random_pairs(vocab: int, subjects: int, questions: int, answers: str, seed: 
     return pairs
 
 
-def engine_python(engine: str) -> Path | str:
-    """The python of `engine`'s venv, or why it cannot run."""
-    if engine == "batchllm":
-        return REPO / ".venv" / "bin" / "python"
-    if not (PEERS / engine / ".installed").is_file():
-        return f"peer venv missing: run benchmarks/setup_peers.sh {engine}"
-    return PEERS / engine / "bin" / "python"
-
-
 def run_engine(engine: str, model: Path, workload: Path, out: Path, args) -> dict | str:
-    py = engine_python(engine)
-    if isinstance(py, str):
-        return py
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    cmd = [str(py), str(RUNNER), "--engine", engine, "--model", str(model), "--workload", str(workload),
-           "--out", str(out), "--dtype", args.dtype, "--threads", str(args.threads), "--kv-bytes", str(args.kv_bytes)]
-    log = out.with_suffix(".log")
-    with open(log, "w") as fh:
-        try:
-            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=args.timeout).returncode
-        except subprocess.TimeoutExpired:
-            return f"timed out after {args.timeout:.0f}s (log: {log})"
-    if not out.is_file():  # a result written before a failed shutdown (vLLM's, sometimes) still counts
-        return f"exit {rc} (log: {log})"
-    return json.loads(out.read_text())
+    return run_runner(RUNNER, engine, ["--engine", engine, "--model", str(model), "--workload", str(workload),
+                                       "--dtype", args.dtype], out, args)
 
 
 def picks(results: list, choices: int = CHOICES) -> list[int]:

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.models import REPO, ensure_model
+from benchmarks.side_by_side import add_common_args, parse, run_runner
 
 RUNNER = REPO / "benchmarks" / "peers" / "structured_runner.py"
-PEERS = REPO / ".cache" / "peers"
 ENGINES = ("batchllm", "batchllm-free", "vllm")
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
@@ -65,18 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--extraction", type=int, default=512)
     ap.add_argument("--classification", type=int, default=2000)
-    ap.add_argument("--engines", default=",".join(ENGINES))
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kv-bytes", type=int, default=2 << 30)
-    ap.add_argument("--timeout", type=float, default=3600)
-    ap.add_argument("--out", default=str(REPO / "bench-results"))
-    args = ap.parse_args(argv)
-    args.engines = [e for e in args.engines.split(",") if e]
-    for e in args.engines:
-        if e not in ENGINES:
-            ap.error(f"unknown engine {e!r}; expected one of {ENGINES}")
-    return args
+    add_common_args(ap, ENGINES, rounds=2, timeout=3600)
+    return parse(ap, argv, ENGINES)
 
 
 def workloads(model_dir: Path, n_extract: int, n_classify: int, seed: int = 0) -> dict[str, dict]:
@@ -124,25 +112,10 @@ def valid(name: str, text: str) -> bool:
 
 
 def run(engine: str, model: Path, workload: Path, out: Path, args) -> dict | str:
-    name, mode = ("batchllm", "free") if engine == "batchllm-free" else (engine, "constrained")
-    if name == "batchllm":
-        py, dtype = REPO / ".venv" / "bin" / "python", "auto"
-    else:
-        if not (PEERS / name / ".installed").is_file():
-            return f"peer venv missing: run benchmarks/setup_peers.sh {name}"
-        py, dtype = PEERS / name / "bin" / "python", "bfloat16"
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    cmd = [str(py), str(RUNNER), "--engine", name, "--mode", mode, "--model", str(model), "--workload", str(workload),
-           "--out", str(out), "--dtype", dtype, "--threads", str(args.threads), "--kv-bytes", str(args.kv_bytes)]
-    with open(out.with_suffix(".log"), "w") as log:
-        try:
-            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            return f"timed out after {args.timeout:.0f}s"
-    if not out.is_file():
-        return f"failed (log: {out.with_suffix('.log')})"
-    return json.loads(out.read_text())
+    """batchllm in its auto dtype, vLLM in bf16; batchllm-free is batchllm unconstrained."""
+    venv, mode = ("batchllm", "free") if engine == "batchllm-free" else (engine, "constrained")
+    return run_runner(RUNNER, venv, ["--engine", venv, "--mode", mode, "--model", str(model), "--workload",
+                                     str(workload), "--dtype", "auto" if venv == "batchllm" else "bfloat16"], out, args)
 
 
 def main(argv=None) -> int:

@@ -100,3 +100,20 @@ def write_result(out_dir: str, label: str, record: dict) -> Path:
 def log(msg: str) -> None:
     """One progress line on stderr, prefixed with the runner's pid."""
     print(f"[runner {os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+
+def one_engine_args(doc: str, engines, extra: Callable[[argparse.ArgumentParser], None] | None = None
+                    ) -> argparse.Namespace:
+    """The flags of the single-workload runners (score_runner, structured_runner): which engine, model, workload
+    JSON and result file, dtype, threads and KV budget (plus the runner's own via `extra`); parses sys.argv."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", required=True, choices=sorted(engines))
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--workload", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-bytes", type=int, default=2 << 30)
+    if extra is not None:
+        extra(ap)
+    return ap.parse_args()

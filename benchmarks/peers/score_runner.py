@@ -17,12 +17,15 @@ The engine loads and warms up on unrelated ids first; only the scoring call is t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 
 def score_batchllm(model: str, pairs, dtype: str, kv_bytes: int, threads: int):
@@ -123,15 +126,7 @@ ENGINES = {"batchllm": score_batchllm, "vllm": score_vllm, "hf": score_hf}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", required=True, choices=sorted(ENGINES))
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--workload", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kv-bytes", type=int, default=2 << 30)
-    args = ap.parse_args()
+    args = common.one_engine_args(__doc__, ENGINES)
     workload = json.loads(Path(args.workload).read_text(encoding="utf-8"))
     pairs = [(list(c), list(x)) for c, x in workload["pairs"]]
     print(f"[score {args.engine}] {len(pairs)} pairs", file=sys.stderr, flush=True)

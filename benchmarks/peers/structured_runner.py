@@ -13,26 +13,31 @@ same work without the masks. The engine loads and warms up first; only the gener
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+
+def sampling_params(workload, mode, sampling_cls, structured_cls) -> list:
+    """Greedy params per request, for either engine's classes: under the request's constraint, or free with the
+    constrained run's output length and EOS ignored."""
+    if mode == "free":
+        return [sampling_cls(temperature=0.0, max_tokens=max(1, n), ignore_eos=True) for n in workload["free_tokens"]]
+    return [sampling_cls(temperature=0.0, max_tokens=workload["max_tokens"], structured_outputs=structured_cls(**c))
+            for c in workload["constraints"]]
+
 
 def run_batchllm(model, workload, mode, dtype, kv_bytes, threads):
     from batchllm import LLM, SamplingParams, StructuredOutputsParams
 
     llm = LLM(model, dtype=dtype, kv_cache_memory_bytes=kv_bytes)
-    params = []
-    for i, c in enumerate(workload["constraints"]):
-        if mode == "free":
-            params.append(SamplingParams(temperature=0.0, max_tokens=max(1, workload["free_tokens"][i]),
-                                         ignore_eos=True))
-        else:
-            params.append(SamplingParams(temperature=0.0, max_tokens=workload["max_tokens"],
-                                         structured_outputs=StructuredOutputsParams(**c)))
+    params = sampling_params(workload, mode, SamplingParams, StructuredOutputsParams)
     prompts = [{"prompt_token_ids": p} for p in workload["prompts"]]
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up (compiles the constraint too)
     start = time.perf_counter()
@@ -52,14 +57,7 @@ def run_vllm(model, workload, mode, dtype, kv_bytes, threads):
     longest = max(len(p) for p in workload["prompts"]) + workload["max_tokens"] + 1
     llm = LLM(model=model, dtype=dtype, kv_cache_memory_bytes=kv_bytes, max_model_len=-(-longest // 256) * 256,
               seed=0, generation_config="vllm")
-    params = []
-    for i, c in enumerate(workload["constraints"]):
-        if mode == "free":
-            params.append(SamplingParams(temperature=0.0, max_tokens=max(1, workload["free_tokens"][i]),
-                                         ignore_eos=True))
-        else:
-            params.append(SamplingParams(temperature=0.0, max_tokens=workload["max_tokens"],
-                                         structured_outputs=StructuredOutputsParams(**c)))
+    params = sampling_params(workload, mode, SamplingParams, StructuredOutputsParams)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
     llm.generate(prompts[:4], params[:4], use_tqdm=False)
     llm.reset_prefix_cache()
@@ -78,16 +76,8 @@ ENGINES = {"batchllm": run_batchllm, "vllm": run_vllm}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", required=True, choices=sorted(ENGINES))
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--workload", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--mode", default="constrained", choices=["constrained", "free"])
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kv-bytes", type=int, default=2 << 30)
-    args = ap.parse_args()
+    args = common.one_engine_args(__doc__, ENGINES, lambda ap: ap.add_argument(
+        "--mode", default="constrained", choices=["constrained", "free"]))
     workload = json.loads(Path(args.workload).read_text(encoding="utf-8"))
     print(f"[structured {args.engine} {args.mode}] {len(workload['prompts'])} prompts", file=sys.stderr, flush=True)
     wall, outs, config = ENGINES[args.engine](args.model, workload, args.mode, args.dtype, args.kv_bytes,
