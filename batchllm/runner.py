@@ -131,12 +131,7 @@ class ModelRunner:
         the prompt logprobs of the rows that want them."""
         batch, lp_of = self.build_batch(plan)
         constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
-        masks = None
-        if constrained:  # the constrained rows' token masks, computed while the model runs
-            if self._masks is None:  # overlap the forward where it leaves cores idle
-                spare = self.device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
-                self._masks = MaskFiller(self.model.cfg.vocab_size, overlap=spare)
-            masks = self._masks.start([rows[i].matcher for i in constrained])
+        masks = self._start_masks([rows[i].matcher for i in constrained]) if constrained else None
         hidden = self.model(batch, self.kv.layers)  # [B + P, hidden]
         prompt_lps = self._prompt_logprobs(hidden[len(rows):], lp_of) if lp_of else []
         if not rows:
@@ -157,6 +152,14 @@ class ModelRunner:
             device=self.device,
         )
         return sample(logits, sbatch, grammar), prompt_lps
+
+    def _start_masks(self, matchers: list):
+        """The token masks of the constrained rows, as a Future: computed during the forward pass where it leaves
+        cores idle (an accelerator, spare cores), else right now (see MaskFiller)."""
+        if self._masks is None:
+            spare = self.device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
+            self._masks = MaskFiller(self.model.cfg.vocab_size, overlap=spare)
+        return self._masks.start(matchers)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, lp_of: list[tuple[Sequence, int]]) -> list[PromptLogprobRow]:
         """log-softmax (fp32) of the rows' logits, in chunks of LP_CHUNK rows (a chunk's logits are [rows, vocab]):

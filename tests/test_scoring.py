@@ -188,3 +188,26 @@ def test_batch_file_echo_returns_the_prompt_logprobs(tiny_llama, tmp_path):
     assert all(abs(v - ref[j - 1, ids[j]].item()) < TOL for j, v in enumerate(lp["token_logprobs"]) if j)
     assert all(len(t) == 2 for t in lp["top_logprobs"][1:]) and body["usage"]["completion_tokens"] == 0
     assert os.path.getsize(out) > 0
+
+
+def test_batchllm_eval_runs_lm_evals_command_line_with_the_backend(tiny_llama, tmp_path):
+    """`batchllm eval --model batchllm ...`: lm_eval's own command line, with this backend registered first."""
+    pytest.importorskip("lm_eval")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rng = random.Random(1)
+    rows = [{"question": f"Is {rng.randrange(100)} even?", "choices": ["yes", "no"], "answer": rng.randrange(2)}
+            for _ in range(6)]
+    write_task(tmp_path, rows)
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", PYTHONPATH=str(repo))
+    out = subprocess.run([sys.executable, "-m", "batchllm", "eval", "--model", "batchllm", "--model_args",
+                          f"pretrained={tiny_llama},dtype=float32,kv_cache_memory_bytes=4194304", "--tasks", "local_mc",
+                          "--include_path", str(tmp_path), "--output_path", str(tmp_path / "results")],
+                         capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "local_mc" in out.stdout and "acc" in out.stdout
+    saved = list((tmp_path / "results").rglob("results_*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["config"]["model"] == "batchllm"

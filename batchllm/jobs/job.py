@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -208,7 +209,8 @@ def execute_job(args: argparse.Namespace, pass2: Pass2 | None = None) -> dict:
     t0 = time.monotonic()
     with graceful_stop(), contextlib.ExitStack() as cleanup:
         if args.input == STREAM:
-            args.input = spool_stdin(Path(args.output).resolve().parent if args.output != STREAM else Path("."))
+            args.input = spool_stdin(Path(args.output).resolve().parent if args.output != STREAM
+                                     else Path(tempfile.gettempdir()))
             cleanup.callback(os.unlink, args.input)
         check_options(args)
         model_dir = resolve_job_model(args)

@@ -125,8 +125,8 @@ def _chunks(it: Iterator, size: int, max_bytes: int = SCAN_CHUNK_BYTES) -> Itera
 
 @dataclass
 class Validator:
-    """Validates request lines: parameters, prompt tokens, context fit and engine SamplingParams. Stateless apart
-    from the configuration it holds."""
+    """Validates request lines: parameters, prompt tokens, context fit, output constraints (compiled once each, and
+    cached here) and engine SamplingParams."""
 
     encoder: PromptEncoder
     max_model_len: int | None
