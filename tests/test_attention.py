@@ -120,7 +120,14 @@ def _bf16_steps() -> dict[str, tuple[Step, int, int, int | None]]:
     odd.node("p", 35)
     for r in range(5):
         odd.seq(3 + r, 1, "p")
+    few = Step(15)  # parts of 2 queries x 4 heads per KV head: the decode kernel's rows, two positions each
+    few.node("p", 48)
+    few.seq(12, 2, "p")
+    few.seq(7, 2, "p")
+    few.seq(20, 2)
     return {
+        "few-rows": (few, 8, 2, None),
+        "few-rows-window-9": (few, 8, 2, 9),
         "odd-prefix": (odd, 8, 2, None),
         "groups-gqa": (group_step(0, 53), 8, 2, None),
         "groups-mqa": (group_step(0, 48), 8, 1, None),

@@ -1,6 +1,7 @@
 // Ragged paged attention with fp32 arithmetic for CPUs without AVX512-BF16 (AVX2, AVX-512F), over a bf16 (or fp32)
-// cache: the same parts, visibility and outputs as ragged_attention.cpp (see its header), for parts of many rows
-// (shared prefixes, prefill chunks); parts of a few rows stay with the portable loop there.
+// cache: the same parts, visibility and outputs as ragged_attention.cpp (see its header). Two kernels:
+//  - run_task, for parts of many rows (shared prefixes, prefill chunks): rows in the vector lanes, below;
+//  - run_small, for parts of a few rows per KV head (a decode: one query times the GQA group): see its comment.
 //
 // A task is (part, KV head, a slice of at most TASK_ROWS rows); a row is one (query, head of the GQA group). Rows
 // sit in the lanes of a vector (N = 8 with AVX2, 16 with AVX-512), so the online softmax is lane-wise, and both
@@ -31,6 +32,7 @@ using V = vec::Best;
 constexpr int64_t N = V::N;
 constexpr int64_t KB = 64;          // keys per block
 constexpr int64_t TASK_ROWS = 128;  // rows per task (bounds the per-thread buffers to L2)
+constexpr int64_t SKB = 16;         // keys per block of run_small
 constexpr int NT = N == 16 ? 3 : 2;  // row tiles per register block
 constexpr int NK = N == 16 ? 8 : 6;  // keys per register block of the scores
 constexpr int ND = N == 16 ? 8 : 4;  // dims per register block of P V
@@ -54,6 +56,41 @@ struct Buffers {
     c.resize(tiles * N);
     qpos.resize(tiles * N);
     lo.resize(tiles * N);
+  }
+};
+
+// Cache lines queued for prefetching a few at a time (a burst would stall on the core's few miss buffers).
+struct PrefetchQueue {
+  std::vector<const char*> lines;
+  size_t next = 0;
+  void clear() {
+    lines.clear();
+    next = 0;
+  }
+  void push(const void* p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) lines.push_back(static_cast<const char*>(p) + off);
+  }
+  void issue(size_t n) {
+    for (const size_t end = std::min(lines.size(), next + n); next < end; ++next) _mm_prefetch(lines[next], _MM_HINT_T0);
+  }
+};
+
+// Work space of run_small, grown to the largest task a thread meets.
+struct SmallBuffers {
+  std::vector<float> qs, acc, m, l, vb, sr, qpos, lo;
+  PrefetchQueue pf;
+  void reserve(int64_t rows, int64_t D) {  // rows: KV heads x rows per head
+    auto grow = [](std::vector<float>& v, int64_t n) {
+      if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    };
+    grow(qs, rows * D);
+    grow(acc, rows * D);
+    grow(m, rows);
+    grow(l, rows);
+    grow(qpos, rows);
+    grow(lo, rows);
+    grow(vb, SKB * D);
+    grow(sr, rows * (SKB + N));
   }
 };
 
@@ -196,27 +233,212 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
   }
 }
 
+// Parts of a few rows per KV head (decodes): one task per part, over every KV head, so each block's token rows
+// (all heads' K and V) are read whole and once; the rows stay apart and the head dims fill the vector lanes, so a
+// key converted to fp32 once serves every row of its GQA group. The next block's cache lines are prefetched a few
+// at a time while this block is computed (a burst would stall on the core's few miss buffers).
+//   qs    [KVH][R][D]      the rows' queries, scaled by scale * log2 e (row r: query r / G, head h * G + r % G)
+//   vb    [SKB][D]         one head's V rows of the key block, in fp32 (K is converted in registers)
+//   sr    [R][SKB + N]     the block's scores (base 2; -1e30 where not visible), then probabilities
+//   acc   [KVH][R][D]      output accumulators, rescaled by 2^(m_old - m_new) per block
+// A score is a dot product over D summed across lanes.
+constexpr int CB = 8;        // vectors of a row's accumulators held in registers at once (P V)
+
+// One row's acc[0 .. NC vectors) = acc * corr + sum over the nb keys of p[b] * v[b], the NC vectors in registers.
+template <int NC>
+inline void pv_row(float* acc, const float* v, const float* p, int64_t nb, int64_t D, float corr, PrefetchQueue& pf) {
+  V av[NC];
+  for (int c = 0; c < NC; ++c) av[c] = V::load(acc + c * N) * V::set1(corr);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (b % 4 == 0) pf.issue(2);
+    const V pb = V::set1(p[b]);
+    for (int c = 0; c < NC; ++c) av[c] = V::fma(pb, V::load(v + b * D + c * N), av[c]);
+  }
+  for (int c = 0; c < NC; ++c) av[c].store(acc + c * N);
+}
+
+// Scores of RR rows (queries q, fp32, scaled, rows D apart) against KS keys (rows `krow` of the cache, converted
+// to fp32 in registers): s[rr * SR + k]. Each key vector serves the RR rows, each query vector the KS keys.
+constexpr int KS = N == 16 ? 4 : 2;  // keys per register block (V8: RR x 2 accumulators + 2 keys in 16 registers)
+constexpr int RR_MAX = 4;            // rows per register block
+constexpr int64_t SR = SKB + N;      // stride of a row's scores in sr
+
+template <int RR, typename T>
+inline void score_tile(const float* q, const T* const* krow, float* s, int64_t D) {
+  V acc[RR][KS];
+  for (int rr = 0; rr < RR; ++rr)
+    for (int k = 0; k < KS; ++k) acc[rr][k] = V::zero();
+  for (int64_t d = 0; d < D; d += N) {
+    V kv[KS];
+    for (int k = 0; k < KS; ++k) kv[k] = load_row(krow[k] + d, N);
+    for (int rr = 0; rr < RR; ++rr) {
+      const V qv = V::load(q + rr * D + d);
+      for (int k = 0; k < KS; ++k) acc[rr][k] = V::fma(qv, kv[k], acc[rr][k]);
+    }
+  }
+  for (int rr = 0; rr < RR; ++rr) {
+    if constexpr (KS == 4) {
+      _mm_storeu_ps(s + rr * SR, V::sum4(acc[rr][0], acc[rr][1], acc[rr][2], acc[rr][3]));
+    } else {
+      _mm_storel_pi(reinterpret_cast<__m64*>(s + rr * SR), V::sum4(acc[rr][0], acc[rr][1], acc[rr][0], acc[rr][1]));
+    }
+  }
+}
+
+// Scores of rows r0 .. r0 + RR - 1 against the block's nb keys (nb rounded up to KS: the last key repeats, and
+// every score past nb is overwritten with NEG by the caller).
+template <int RR, typename T>
+inline void score_rows(const float* q, const T* const* krow, float* s, int64_t nb, int64_t D, PrefetchQueue& pf) {
+  for (int64_t b = 0; b < nb; b += KS) {
+    pf.issue(2);
+    score_tile<RR>(q, krow + b, s + b, D);
+  }
+}
+
+template <typename T>
+void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
+  const int64_t G = a.H / a.KVH, D = a.D, DV = D / N, KVH = a.KVH;
+  const int64_t q0 = a.q_ptr[part], R = (a.q_ptr[part + 1] - q0) * G;
+  const int64_t k0 = a.kv_ptr[part], nk = a.kv_ptr[part + 1] - k0, first = a.kv_start[part];
+  B.reserve(KVH * R, D);
+  float *qs = B.qs.data(), *acc = B.acc.data(), *m = B.m.data(), *l = B.l.data(), *sr = B.sr.data();
+  int64_t max_qp = -1, min_lo = std::numeric_limits<int64_t>::max();
+  const float qscale = a.scale * LOG2E;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t row = a.q_rows[q0 + r / G];
+    for (int64_t h = 0; h < KVH; ++h) {
+      const T* src = a.q + row * a.QS + (h * G + r % G) * D;
+      for (int64_t d = 0; d < D; ++d) qs[(h * R + r) * D + d] = static_cast<float>(src[d]) * qscale;
+    }
+    const int64_t pos = a.q_pos[row], lo = a.window > 0 ? pos - a.window + 1 : 0;
+    B.qpos[r] = static_cast<float>(pos);
+    B.lo[r] = static_cast<float>(lo);
+    max_qp = std::max(max_qp, pos);
+    min_lo = std::min(min_lo, lo);
+  }
+  std::fill(m, m + KVH * R, NEG);
+  std::fill(l, l + KVH * R, 0.f);
+  std::fill(acc, acc + KVH * R * D, 0.f);
+  alignas(64) float iota[N];
+  for (int64_t i = 0; i < N; ++i) iota[i] = static_cast<float>(i);
+  const V lane = V::load(iota);
+  const int64_t row_len = a.KVH * D, v_offset = a.S * row_len;
+  const int64_t row_bytes = row_len * static_cast<int64_t>(sizeof(T));
+  const int64_t j_begin = std::max<int64_t>(0, min_lo - first) / SKB * SKB;
+  const int64_t j_end = std::min<int64_t>(nk, max_qp - first + 1);
+  auto queue_block = [&](int64_t j, int64_t n_keys) {  // every head's K and V rows of keys j .. j + n_keys - 1
+    B.pf.clear();
+    for (int64_t b = j; b < j + n_keys; ++b) {
+      B.pf.push(a.kv + a.kv_slots[k0 + b] * row_len, row_bytes);
+      B.pf.push(a.kv + v_offset + a.kv_slots[k0 + b] * row_len, row_bytes);
+    }
+  };
+  if (j_begin < j_end) {  // the first block: nothing to overlap, one burst
+    queue_block(j_begin, std::min(SKB, j_end - j_begin));
+    B.pf.issue(B.pf.lines.size());
+  }
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += SKB) {
+    const int64_t nb = std::min<int64_t>(SKB, j_end - j0), nbv = (nb + N - 1) / N * N;
+    B.pf.issue(B.pf.lines.size());  // what the last block's steps left
+    queue_block(j0 + SKB, std::max<int64_t>(0, std::min<int64_t>(SKB, j_end - j0 - SKB)));
+    const float kpos0 = static_cast<float>(first + j0);
+    for (int64_t h = 0; h < KVH; ++h) {
+      const T* krow[SKB + KS];
+      for (int64_t b = 0; b < nb; ++b) {  // this head's K rows, and its V rows in fp32
+        const int64_t slot = a.kv_slots[k0 + j0 + b];
+        krow[b] = a.kv + slot * row_len + h * D;
+        const T* vrow = a.kv + v_offset + slot * row_len + h * D;
+        for (int64_t d = 0; d < D; d += N) load_row(vrow + d, N).store(B.vb.data() + b * D + d);
+      }
+      for (int64_t b = nb; b < nb + KS; ++b) krow[b] = krow[nb - 1];
+      for (int64_t r0 = 0; r0 < R; r0 += RR_MAX) {
+        const float* q = qs + (h * R + r0) * D;
+        switch (std::min<int64_t>(RR_MAX, R - r0)) {
+          case 1: score_rows<1>(q, krow, sr + r0 * SR, nb, D, B.pf); break;
+          case 2: score_rows<2>(q, krow, sr + r0 * SR, nb, D, B.pf); break;
+          case 3: score_rows<3>(q, krow, sr + r0 * SR, nb, D, B.pf); break;
+          default: score_rows<4>(q, krow, sr + r0 * SR, nb, D, B.pf);
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        float* s = sr + r * SR;
+        for (int64_t b = nb; b < nbv; ++b) s[b] = NEG;
+        const int64_t hr = h * R + r;
+        const V qpos = V::set1(B.qpos[r]), lo = V::set1(B.lo[r]);
+        V mx = V::set1(NEG);
+        for (int64_t b = 0; b < nbv; b += N) {  // visibility
+          const V kp = V::set1(kpos0 + static_cast<float>(b)) + lane;
+          const V sv = V::select(V::visible(kp, qpos, lo), V::load(s + b), V::set1(NEG));
+          mx = V::max(mx, sv);
+          sv.store(s + b);
+        }
+        const float bmax = mx.max();
+        if (bmax <= NEG) continue;  // nothing visible to this row in this block
+        const float m_new = std::max(m[hr], bmax), corr = std::exp2(m[hr] - m_new);
+        V sum = V::zero();
+        for (int64_t b = 0; b < nbv; b += N) {  // the online softmax
+          const V p = vec::exp2<V, 5>(V::load(s + b) - V::set1(m_new));
+          sum = sum + p;
+          p.store(s + b);
+        }
+        m[hr] = m_new;
+        l[hr] = l[hr] * corr + sum.sum();
+        float* ar = acc + hr * D;
+        for (int64_t d0 = 0; d0 < DV; d0 += CB) {  // acc = acc * corr + P V, at most CB vectors of dims at a time
+          const float* v = B.vb.data() + d0 * N;
+          switch (std::min<int64_t>(CB, DV - d0)) {
+            case 1: pv_row<1>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
+            case 2: pv_row<2>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
+            case 3: pv_row<3>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
+            case 4: pv_row<4>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
+            case 5: pv_row<5>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
+            case 6: pv_row<6>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
+            case 7: pv_row<7>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
+            default: pv_row<8>(ar + d0 * N, v, s, nb, D, corr, B.pf);
+          }
+        }
+      }
+    }
+  }
+  for (int64_t h = 0; h < KVH; ++h) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t hr = h * R + r, head = h * G + r % G;
+      float* o = a.out + ((q0 + r / G) * a.H + head) * D;
+      const bool seen = l[hr] > 0.f;
+      const float inv = seen ? 1.f / l[hr] : 0.f;
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[hr * D + d] * inv;
+      a.lse[(q0 + r / G) * a.H + head] = seen ? (m[hr] + std::log2(l[hr])) * LN2 : NEG;
+    }
+  }
+}
+
 }  // namespace f32k
 
-// Parts with more than `min_rows` rows per KV head (the others are left to the caller), each split into tasks.
-// Returns whether head_dim suits the register blocks (a multiple of ND); else nothing was computed.
+// Every part: those of at most `small_rows` rows per KV head in run_small, one task each; the others split
+// into tasks of at most TASK_ROWS rows for run_task. Returns whether head_dim suits the kernels (a multiple of ND and
+// of the vector width); else nothing was computed.
 template <typename T>
 bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t* q_rows, const int64_t* kv_ptr,
                    const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos, int64_t num_parts,
                    int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale, float* out,
-                   float* lse, int64_t min_rows) {
+                   float* lse, int64_t small_rows) {
   using namespace f32k;
-  if (D % ND != 0) return false;
+  if (D % ND != 0 || D % N != 0) return false;
   struct Task {
     int64_t part, head, row0, rows;
+    bool small;  // run_small: every KV head of the part
   };
   const int64_t G = H / KVH;
   std::vector<Task> tasks;
   for (int64_t p = 0; p < num_parts; ++p) {
     const int64_t R = (q_ptr[p + 1] - q_ptr[p]) * G;
-    if (R <= min_rows) continue;
+    if (R == 0) continue;
+    if (R <= small_rows) {
+      tasks.push_back({p, 0, 0, R * KVH, true});
+      continue;
+    }
     for (int64_t h = 0; h < KVH; ++h)
-      for (int64_t r0 = 0; r0 < R; r0 += TASK_ROWS) tasks.push_back({p, h, r0, std::min(TASK_ROWS, R - r0)});
+      for (int64_t r0 = 0; r0 < R; r0 += TASK_ROWS) tasks.push_back({p, h, r0, std::min(TASK_ROWS, R - r0), false});
   }
   auto work = [&](const Task& t) { return t.rows * (kv_ptr[t.part + 1] - kv_ptr[t.part]); };
   std::sort(tasks.begin(), tasks.end(), [&](const Task& x, const Task& y) { return work(x) > work(y); });
@@ -226,8 +448,13 @@ bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t*
   {
     Buffers B;
     B.reserve(D);
+    SmallBuffers SB;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n_tasks; ++i) run_task(tasks[i].part, tasks[i].head, tasks[i].row0, tasks[i].rows, B, args);
+    for (int64_t i = 0; i < n_tasks; ++i) {
+      const Task& t = tasks[i];
+      if (t.small) run_small(t.part, SB, args);
+      else run_task(t.part, t.head, t.row0, t.rows, B, args);
+    }
   }
   return true;
 }

@@ -2,9 +2,10 @@
 //
 // A part is a set of query rows against one KV segment (consecutive positions kv_start .. kv_start + len - 1 whose
 // K/V live at the given flat cache slots). Each task streams its part's keys and keeps an online softmax per query
-// row (flash-attention style), so K/V are never gathered or padded. Two implementations:
+// row (flash-attention style), so K/V are never gathered or padded. Three implementations:
 //  - bf16 with head_dim % 32 == 0 on a CPU with AVX512-BF16 (namespace bf16k): every part, from single decodes to a
 //    shared prefix attended by thousands of queries, as vdpbf16ps matrix products with fp32 accumulation;
+//  - bf16 on the AVX2 and AVX-512F paths (attention_f32.cpp): fp32 arithmetic in vectors, every part;
 //  - otherwise a portable fp32 loop (SmallParts), which the engine uses in fp32 for parts of few query rows.
 //
 //   q        [T, H, D]            bf16 or fp32 queries of this step
@@ -158,39 +159,36 @@ struct SmallParts {
   }
 };
 
-// The portable loop over every part whose rows per KV head (queries x group) are at most `max_rows`.
+// The portable loop over every part.
 template <typename scalar_t>
 void ragged_kernel(const scalar_t* q, const scalar_t* kv, const int64_t* q_ptr, const int64_t* q_rows,
                    const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos,
                    int64_t num_parts, int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
-                   float* out, float* lse, int64_t max_rows = std::numeric_limits<int64_t>::max()) {
-  std::vector<int64_t> parts;
-  for (int64_t p = 0; p < num_parts; ++p)
-    if ((q_ptr[p + 1] - q_ptr[p]) * (H / KVH) <= max_rows) parts.push_back(p);
-  const int64_t n_tasks = static_cast<int64_t>(parts.size()) * KVH;
+                   float* out, float* lse) {
+  const int64_t n_tasks = num_parts * KVH;
 #pragma omp parallel
   {
     SmallParts<scalar_t> work{q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale,
                               out, lse};
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < n_tasks; ++task) work.run(parts[task / KVH], task % KVH);
+    for (int64_t task = 0; task < n_tasks; ++task) work.run(task / KVH, task % KVH);
   }
 }
 
 }  // namespace
 
 #if defined(BATCHLLM_HAS_VEC)
-// attention_f32.cpp: parts of more than `min_rows` rows per KV head with fp32 arithmetic in vectors.
+// attention_f32.cpp: every part with fp32 arithmetic in vectors (false where head_dim does not suit it).
 template <typename T>
 bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t* q_rows, const int64_t* kv_ptr,
                    const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos, int64_t num_parts,
                    int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale, float* out,
-                   float* lse, int64_t min_rows);
+                   float* lse, int64_t small_rows);
 #endif
 
 namespace {
 
-// Parts of at most this many rows per KV head run in the portable loop on the fp32-arithmetic path.
+// Parts of at most this many rows per KV head run in attention_f32.cpp's decode kernel (run_small).
 constexpr int64_t F32_SMALL_ROWS = 8;
 
 
@@ -808,17 +806,16 @@ std::vector<at::Tensor> ragged_attention(at::Tensor q, at::Tensor kv, at::Tensor
   }
 #endif
   if (q.scalar_type() == at::ScalarType::BFloat16) {
-    int64_t max_rows = std::numeric_limits<int64_t>::max();
 #if defined(BATCHLLM_HAS_VEC)
     if (f32_attention<at::BFloat16>(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), ptrs[0], ptrs[1],
                                     ptrs[2], ptrs[3], ptrs[4], ptrs[5], P, H, QS, KVH, D, S, window,
                                     static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>(),
                                     F32_SMALL_ROWS))
-      max_rows = F32_SMALL_ROWS;
+      return {out, lse};
 #endif
     ragged_kernel<at::BFloat16>(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), ptrs[0], ptrs[1], ptrs[2],
                                 ptrs[3], ptrs[4], ptrs[5], P, H, QS, KVH, D, S, window, static_cast<float>(scale),
-                                out.data_ptr<float>(), lse.data_ptr<float>(), max_rows);
+                                out.data_ptr<float>(), lse.data_ptr<float>());
   } else {
     TORCH_CHECK(q.scalar_type() == at::ScalarType::Float, "ragged_attention takes bf16 or fp32");
     ragged_kernel<float>(q.data_ptr<float>(), kv.data_ptr<float>(), ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4],

@@ -115,6 +115,11 @@ struct V16 {
   }
   static V16 select(Mask m, V16 yes, V16 no) { return _mm512_mask_mov_ps(no.v, m, yes.v); }
   float sum() const { return _mm512_reduce_add_ps(v); }
+  static __m128 sum4(V16 a, V16 b, V16 c, V16 d) {  // the lane sums of a, b, c and d
+    auto half = [](V16 x) { return _mm256_add_ps(_mm512_castps512_ps256(x.v), _mm512_extractf32x8_ps(x.v, 1)); };
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half(a), half(b)), _mm256_hadd_ps(half(c), half(d)));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  }
   float max() const { return _mm512_reduce_max_ps(v); }
 };
 #endif
@@ -185,6 +190,10 @@ struct V8 {
     return _mm256_and_ps(_mm256_cmp_ps(kp.v, qp.v, _CMP_LE_OQ), _mm256_cmp_ps(lo.v, kp.v, _CMP_LE_OQ));
   }
   static V8 select(Mask m, V8 yes, V8 no) { return _mm256_blendv_ps(no.v, yes.v, m); }
+  static __m128 sum4(V8 a, V8 b, V8 c, V8 d) {  // the lane sums of a, b, c and d
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a.v, b.v), _mm256_hadd_ps(c.v, d.v));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  }
   float sum() const {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
