@@ -27,3 +27,11 @@ def test_every_kernel_path_this_cpu_runs_builds(isa, monkeypatch):
     module = load_cpu_kernels(isa)
     assert module is not None, f"the {isa} kernels failed to build (see the warning above)"
     assert module.isa() == isa
+
+
+@pytest.mark.skipif(not _have_compiler(), reason="no C++ compiler or ninja: the kernels fall back to torch here")
+@pytest.mark.parametrize("isa", runnable_isas())
+def test_peak_flops_measures_the_vector_paths_only(isa):
+    """The arithmetic peak the gemm benchmark divides by: positive on a path with vectors, 0 on the portable one."""
+    peak = load_cpu_kernels(isa).peak_flops(1000)
+    assert (peak > 0) == (isa != "portable"), peak

@@ -16,6 +16,7 @@ at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor&
 at::Tensor argmax_rows(const at::Tensor& x);
 void apply_token_bitmask(at::Tensor& x, const at::Tensor& rows, const at::Tensor& mask);
 bool bf16_kernels();
+double peak_flops(int64_t iters);
 at::Tensor gemm_pack_weight(const at::Tensor& w, bool gated);
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
                 bool gated);
@@ -47,6 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "x [..., K] times a packed bf16 weight, plus an optional bias: [..., n] bf16 (gated: [..., n/2])",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("gated") = false);
+  m.def("peak_flops", &peak_flops, "FLOP/s of the gemm tile's instruction in 12 independent chains on every thread",
+        pybind11::arg("iters") = 2000000);
   m.def("argmax_rows", &argmax_rows, "per row the index of the largest bf16 value (as torch.argmax in fp32)");
   m.def("apply_token_bitmask", &apply_token_bitmask, "-inf in x[rows[i]] wherever bit t of mask[i] is 0 (in place)");
 }

@@ -29,7 +29,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -42,7 +45,9 @@ namespace {
 using bf16 = at::BFloat16;
 constexpr int64_t COLS = 64;                      // output columns per panel
 constexpr int NV = COLS / 16;                     // zmm registers per step of a panel
-constexpr int MR = 6;                             // rows per tile
+// rows per tile; AVX2: 5 x 2 accumulators + 4 weight + 2 x registers fill the 16 ymm (6 rows spilled: 63% of the
+// FMA peak against 82-89%, benchmarks/kernel_efficiency.py on Zen 5)
+constexpr int MR = vec::Best::N == 8 ? 5 : 6;
 constexpr int64_t ROW_BLOCK_BYTES = 512 * 1024;   // x rows of one row block, kept in L2
 
 // Output column j of panel p comes from weight row source_row(p, j, ...), or from none (-1: a zero column).
@@ -120,7 +125,7 @@ using V = vec::Best;
 using XRow = float;  // x converted to fp32 once per call
 constexpr int GN = V::N;  // columns of one column group (one vector)
 constexpr int64_t GROUPS = COLS / GN;  // column groups per panel
-constexpr int CG = V::N == 16 ? 4 : 2;  // column groups per tile: MR x CG accumulators (24 zmm, 12 ymm)
+constexpr int CG = V::N == 16 ? 4 : 2;  // column groups per tile: MR x CG accumulators (24 zmm, 10 ymm)
 
 // The bf16 pairs of a column group at step j, split into the even-k and odd-k weights as fp32.
 inline void split_pairs(const bf16* w, V& even, V& odd) {
@@ -305,7 +310,57 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, con
   return out;
 }
 
+// The arithmetic peak of this kernel path on torch's threads, in FLOP/s: each thread runs 12 independent chains of
+// the tile's instruction (vdpbf16ps: 64 FLOP; an fp32 FMA: 2 per lane) for `iters` steps; the slowest thread's time
+// counts. What the gemm benchmark (benchmarks/kernel_efficiency.py) measures the gemm against.
+double peak_flops(int64_t iters) {
+  constexpr int CHAINS = 12;
+#ifdef BATCHLLM_HAS_BF16_KERNEL
+  using Acc = __m512;
+  constexpr double FLOP = 64;
+#else
+  using Acc = vec::Best;
+  constexpr double FLOP = 2 * vec::Best::N;
+#endif
+  const int threads = at::get_num_threads();
+  std::vector<double> seconds(threads, 0.0);
+  float sink = 0.f;
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+  {
+    Acc acc[CHAINS];
+#ifdef BATCHLLM_HAS_BF16_KERNEL
+    const __m512i a = _mm512_set1_epi32(0x3F803F80), b = _mm512_set1_epi32(0x3F003F00);  // bf16 pairs (1, 1), (.5, .5)
+    for (int c = 0; c < CHAINS; ++c) acc[c] = _mm512_setzero_ps();
+#else
+    const Acc a = Acc::set1(0.999f), b = Acc::set1(1e-3f);
+    for (int c = 0; c < CHAINS; ++c) acc[c] = Acc::zero();
+#endif
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < iters; ++i)
+      for (int c = 0; c < CHAINS; ++c)
+#ifdef BATCHLLM_HAS_BF16_KERNEL
+        acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)a, (__m512bh)b);
+#else
+        acc[c] = Acc::fma(acc[c], a, b);
+#endif
+    seconds[omp_get_thread_num()] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    float out[vec::Best::N * 2];
+    for (int c = 0; c < CHAINS; ++c) {
+#ifdef BATCHLLM_HAS_BF16_KERNEL
+      _mm512_storeu_ps(out, acc[c]);
+#else
+      acc[c].store(out);
+#endif
+      sink += out[0];
+    }
+  }
+  const double slowest = *std::max_element(seconds.begin(), seconds.end());
+  return sink == -1.f ? 0.0 : FLOP * CHAINS * static_cast<double>(iters) * threads / slowest;
+}
+
 #else  // no vectors: Linear does not call these (bf16_kernels() is false)
+
+double peak_flops(int64_t) { return 0.0; }
 
 at::Tensor gemm_pack_weight(const at::Tensor&, bool) {
   TORCH_CHECK(false, "the bf16 gemm needs a CPU with AVX2 or AVX-512");
