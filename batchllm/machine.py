@@ -56,6 +56,7 @@ def _cpuinfo() -> dict[str, str]:
     return info
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     return frozenset(_cpuinfo().get("flags", "").split())
 
@@ -69,8 +70,9 @@ def is_x86_64() -> bool:
     return _platform.machine().lower() in ("x86_64", "amd64")
 
 
+@functools.cache
 def native_isa() -> str:
-    """The highest kernel path this CPU runs."""
+    """The highest kernel path this CPU runs (probed once: the engine asks at every kernel call)."""
     if not is_x86_64():
         return "portable"
     flags = cpu_flags()
