@@ -7,6 +7,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -m batchllm_lm_eval  # `lm_eval --model batchllm` (lm-eval 0.4 loads no plugins)
 	touch $@
 
 .PHONY: install demo test lint bench

@@ -190,12 +190,21 @@ def test_batch_file_echo_returns_the_prompt_logprobs(tiny_llama, tmp_path):
     assert os.path.getsize(out) > 0
 
 
-def test_batchllm_eval_runs_lm_evals_command_line_with_the_backend(tiny_llama, tmp_path):
-    """`batchllm eval --model batchllm ...`: lm_eval's own command line, with this backend registered first."""
+@pytest.mark.parametrize("command", ["batchllm eval", "lm_eval"])
+def test_lm_evals_command_line_runs_model_batchllm(command, tiny_llama, tmp_path):
+    """`batchllm eval --model batchllm ...` (lm_eval's command line with this backend registered first) and lm-eval's
+    own `lm_eval --model batchllm ...` (found through batchllm_lm_eval.pth, which `make install` writes)."""
     pytest.importorskip("lm_eval")
     import subprocess
     import sys
     from pathlib import Path
+
+    import batchllm_lm_eval
+
+    if command == "lm_eval" and not batchllm_lm_eval.pth_path().exists():
+        pytest.skip(f"{batchllm_lm_eval.pth_path()} is not installed (make install writes it)")
+    argv = [sys.executable, "-m", "batchllm", "eval"] if command == "batchllm eval" else \
+        [str(Path(sys.executable).parent / "lm_eval")]
 
     rng = random.Random(1)
     rows = [{"question": f"Is {rng.randrange(100)} even?", "choices": ["yes", "no"], "answer": rng.randrange(2)}
@@ -203,7 +212,7 @@ def test_batchllm_eval_runs_lm_evals_command_line_with_the_backend(tiny_llama, t
     write_task(tmp_path, rows)
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", PYTHONPATH=str(repo))
-    out = subprocess.run([sys.executable, "-m", "batchllm", "eval", "--model", "batchllm", "--model_args",
+    out = subprocess.run([*argv, "--model", "batchllm", "--model_args",
                           f"pretrained={tiny_llama},dtype=float32,kv_cache_memory_bytes=4194304", "--tasks", "local_mc",
                           "--include_path", str(tmp_path), "--output_path", str(tmp_path / "results")],
                          capture_output=True, text=True, env=env, cwd=repo, timeout=600)
@@ -211,3 +220,26 @@ def test_batchllm_eval_runs_lm_evals_command_line_with_the_backend(tiny_llama, t
     assert "local_mc" in out.stdout and "acc" in out.stdout
     saved = list((tmp_path / "results").rglob("results_*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["config"]["model"] == "batchllm"
+
+
+def test_the_lm_eval_pth_line_registers_lazily_and_is_a_no_op_once_batchllm_is_gone(tmp_path):
+    """The line site runs at every interpreter start: it must not fail where batchllm was uninstalled, and where it
+    is installed it imports neither batchllm nor torch until lm-eval asks for the model."""
+    import subprocess
+    import sys
+
+    import batchllm_lm_eval
+
+    gone = batchllm_lm_eval.PTH_LINE.replace("batchllm_lm_eval as m", "batchllm_uninstalled_xyz as m")
+    scope: dict = {}
+    exec(gone, scope)
+    assert scope["m"] is None
+    pytest.importorskip("lm_eval")
+    probe = ("import sys; exec(open(sys.argv[1]).read()); import lm_eval.models; "
+             "from lm_eval.api.registry import model_registry as r; "
+             "print('batchllm' in r, 'torch' in sys.modules, 'batchllm' in sys.modules)")
+    pth = tmp_path / "line.pth"
+    pth.write_text(batchllm_lm_eval.PTH_LINE)
+    out = subprocess.run([sys.executable, "-S", "-c", probe, str(pth)], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), timeout=120)
+    assert out.stdout.split() == ["True", "False", "False"], out.stderr[-2000:]
