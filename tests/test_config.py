@@ -62,6 +62,16 @@ def test_missing_weights_are_reported(tiny_llama, tmp_path):
         LLM(str(d), dtype="float32", kv_cache_memory_bytes=1 << 20)
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.001])  # cut in the tensor data, cut in the header
+def test_a_truncated_checkpoint_is_named(tiny_llama, tmp_path, keep):
+    d = tmp_path / "cut"
+    shutil.copytree(tiny_llama, d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:max(9, int(len(data) * keep))])
+    with pytest.raises(ValueError, match=f"cannot read {d / 'model.safetensors'}: .* truncated or corrupt"):
+        LLM(str(d), dtype="float32", kv_cache_memory_bytes=1 << 20)
+
+
 def test_kv_budget_is_honoured_exactly(tiny_llama):
     cfg = ModelConfig.from_hf(tiny_llama)
     per_block = KVCache.bytes_per_block(cfg, 4, torch.float32)

@@ -85,6 +85,8 @@ def test_completion_line_maps_fields_and_token_prompt():
     (line(url=ob.COMPLETIONS_URL, body={"prompt": "x", "logprobs": True}), ob.E_PARAM, "a", "logprobs"),
     (line(url=ob.COMPLETIONS_URL, body={"prompt": ["x", "y"]}), ob.E_PARAM, "a", "one prompt per line"),
     (line(url=ob.COMPLETIONS_URL, body={"prompt": [1, -2]}), ob.E_PARAM, "a", "token ids"),
+    (line(url=ob.COMPLETIONS_URL, body={"prompt": [1, 1.7]}), ob.E_PARAM, "a", "token ids"),
+    (line(url=ob.COMPLETIONS_URL, body={"prompt": [1, True]}), ob.E_PARAM, "a", "token ids"),
     (line(url=ob.COMPLETIONS_URL, body={"prompt": "x", "echo": "yes"}), ob.E_PARAM, "a", "echo must be a boolean"),
     (line(url=ob.COMPLETIONS_URL, body={"prompt": "x", "echo": True, "max_tokens": 0}), ob.E_PARAM, "a",
      "echo needs logprobs"),

@@ -40,16 +40,17 @@ def test_bad_requests_fail_alone(llm, tiny_llama):
         {"prompt_token_ids": []},
         {"prompt_token_ids": [1, 10 ** 9]},
         {"bogus": 1},
+        {"prompt_token_ids": [1, 1.7]},  # never silently truncated to 1
         {"prompt_token_ids": good},
     ]
     outs = llm.generate(prompts, greedy(ignore_eos=True), use_tqdm=False)
     ref = hf_greedy(str(tiny_llama), [good], 8)[0]
     assert outs[0].error is None and outs[0].outputs[0].token_ids == ref
-    assert outs[5].outputs[0].token_ids == ref
-    for o, words in zip(outs[1:5], ["context", "empty", "vocabulary", "prompt must be"]):
+    assert outs[6].outputs[0].token_ids == ref
+    for o, words in zip(outs[1:6], ["context", "empty", "vocabulary", "prompt must be", "must hold integers, got 1.7"]):
         assert o.outputs[0].finish_reason == "error"
         assert words in o.error
-    assert llm.stats()["num_errors"] == 4
+    assert llm.stats()["num_errors"] == 5
 
 
 def test_request_larger_than_the_kv_cache_is_an_error(tiny_llama):
