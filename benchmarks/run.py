@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=1200,
                     help="seconds per runner invocation (workloads it finished before are kept)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--emulate-isa", choices=["avx2"], default=None,
+                    help="hold every engine to this instruction set, as on a CPU that has nothing wider: batchllm's "
+                         "kernel path (BATCHLLM_ISA) and torch, oneDNN and MKL (ATEN_CPU_CAPABILITY, "
+                         "ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS); kernels a peer compiled itself stay as built")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every engine this many times, alternating the order; report per-round ratios")
     ap.add_argument("--out", default=str(RESULTS), help="results root folder")
@@ -101,9 +105,17 @@ def default_kv_bytes(loads: list[dict], bytes_per_token: int) -> int:
     return min(max(value, 256 * mib), 4096 * mib)
 
 
+def emulation_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment that holds an engine to `--emulate-isa` (empty without it)."""
+    if args.emulate_isa != "avx2":
+        return {}
+    return {"BATCHLLM_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
 def engine_command(engine: str, args: argparse.Namespace) -> tuple[list[str], dict[str, str]] | str:
     """(argv prefix, extra environment) to run `engine`, or a reason string why it cannot run here."""
-    env = {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    env = {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", **emulation_env(args)}
     if engine.startswith("batchllm"):
         py = REPO / ".venv" / "bin" / "python"
         probe = subprocess.run([str(py), "-c", "from batchllm import LLM"], capture_output=True, text=True,
@@ -228,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     from batchllm.machine import cpu_name, selected_isa
 
     header = (f"# batchllm vs peers ({'quick' if args.quick else 'full'}, model {model.name}, {args.dtype}, "
-              f"{args.threads} threads)\n\nCPU {cpu_name()}; batchllm's kernel path {selected_isa()}. "
+              f"{args.threads} threads)\n\nCPU {cpu_name()}; batchllm's kernel path "
+              f"{args.emulate_isa or selected_isa()}"
+              f"{'; every engine held to AVX2 (--emulate-isa)' if args.emulate_isa else ''}. "
               f"bf16 matmul peak: {peak_before / 1e9:.0f} GFLOP/s before, {peak_after / 1e9:.0f} after (max used). "
               f"Default KV budget {kv_default / 2**20:.0f} MiB (tight-kv: its own). "
               f"Load average at end: {os.getloadavg()[0]:.1f}. Wall {time.perf_counter() - t_start:.0f}s.\n\n")
