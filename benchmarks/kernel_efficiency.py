@@ -17,7 +17,6 @@ Set BATCHLLM_ISA to measure a lower path than the CPU's own; the output names th
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ from batchllm.machine import cpu_name, selected_isa
 from batchllm.model.attention import AttentionMetadata, AttnPart, paged_attention
 from batchllm.model.cpu_kernels import has_bf16_kernels, load_cpu_kernels
 from batchllm.model.layers import Linear
+from benchmarks.attention_micro import bench
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS = 576, 9, 3, 64, 1536, 30
 SHAPES = {"qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN),
@@ -34,13 +34,7 @@ SHAPES = {"qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), "o": (HIDDEN, HIDD
 
 def best(fn, reps: int) -> float:
     """The best wall time of `fn` in seconds over `reps` calls, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return bench(fn, reps)[1] / 1e3
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 4096) -> float:
