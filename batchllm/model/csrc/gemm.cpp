@@ -45,8 +45,8 @@ namespace {
 using bf16 = at::BFloat16;
 constexpr int64_t COLS = 64;                      // output columns per panel
 constexpr int NV = COLS / 16;                     // zmm registers per step of a panel
-// rows per tile; AVX2: 5 x 2 accumulators + 4 weight + 2 x registers fill the 16 ymm (6 rows spilled: 63% of the
-// FMA peak against 82-89%, benchmarks/kernel_efficiency.py on Zen 5)
+// rows per tile; AVX2: 5 x 2 accumulators + 4 weight + 2 x registers fill the 16 ymm (6 rows spilled: 62-65% of the
+// FMA peak against 76-89% across runs, benchmarks/kernel_efficiency.py on Zen 5)
 constexpr int MR = vec::Best::N == 8 ? 5 : 6;
 constexpr int64_t ROW_BLOCK_BYTES = 512 * 1024;   // x rows of one row block, kept in L2
 
