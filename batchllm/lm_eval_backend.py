@@ -30,12 +30,14 @@ _TRUE = ("1", "true", "yes")
 class BatchLLMLM(TemplateLM):
     def __init__(self, pretrained: str, dtype: str = "auto", max_length: int | None = None,
                  add_bos_token: bool | str | None = None, max_gen_toks: int = 256, batch_size=None,
-                 **engine_options):
+                 max_batch_size=None, device: str | None = None, **engine_options):
         """`pretrained`: what `LLM` takes (an HF folder, a .gguf, smollm2-135m-instruct); the other model_args are
-        engine options (kv_cache_memory_bytes, block_size, ...). `batch_size` is accepted and ignored: the whole
-        task is one batch."""
+        engine options (kv_cache_memory_bytes, block_size, ...). `device` (lm_eval's --device or a model_arg) is
+        the engine's; `batch_size` and `max_batch_size` are accepted and ignored: the whole task is one batch."""
         super().__init__()
-        options = {k: _number(v) for k, v in engine_options.items() if k not in ("device", "trust_remote_code")}
+        options = {k: _number(v) for k, v in engine_options.items() if k != "trust_remote_code"}
+        if device is not None:
+            options["device"] = device
         self.llm = LLM(pretrained, dtype=dtype, max_model_len=_number(max_length), **options)
         self.tokenizer = self.llm.tokenizer
         self.add_bos_token = None if add_bos_token is None else str(add_bos_token).lower() in _TRUE

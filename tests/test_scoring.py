@@ -214,7 +214,8 @@ def test_lm_evals_command_line_runs_model_batchllm(command, tiny_llama, tmp_path
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", PYTHONPATH=str(repo))
     out = subprocess.run([*argv, "--model", "batchllm", "--model_args",
                           f"pretrained={tiny_llama},dtype=float32,kv_cache_memory_bytes=4194304", "--tasks", "local_mc",
-                          "--include_path", str(tmp_path), "--output_path", str(tmp_path / "results")],
+                          "--include_path", str(tmp_path), "--output_path", str(tmp_path / "results"),
+                          "--device", "cpu", "--batch_size", "auto", "--max_batch_size", "16"],
                          capture_output=True, text=True, env=env, cwd=repo, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "local_mc" in out.stdout and "acc" in out.stdout
