@@ -1,16 +1,17 @@
-"""A/B of the bf16 attention kernel against another git revision's, in one process.
+"""A/B of the attention kernels against another git revision's, in one process, on one kernel path.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --rev 1004651 [--threads 1] [--reps 15] [--cold]
+    PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --rev HEAD [--isa avx2] [--threads 2] [--reps 15] [--cold]
 
-Builds `batchllm/model/csrc` as it is at REV into a second extension module and times the two builds on the same
-inputs, alternating calls (A = this tree, B = REV), so the slow drifts of a shared machine hit both alike: separate
-processes minutes apart differ by up to 40% here, alternating calls by 1-3%. With --cold, a 96 MiB buffer is written
-before every call, so the cache is read from memory as in a model's forward pass (where the other layers' K/V and the
-weights pass through the caches between two calls of one layer). Prints, per case, each build's best
-time and the median of the per-pair ratios B/A (above 1: this tree is faster).
+Builds `batchllm/model/csrc` as it is at REV into a second extension module, with the flags of the kernel path (the
+selected one, or --isa), and times the two builds on the same inputs, alternating calls (A = this tree, B = REV), so
+the slow drifts of a shared machine hit both alike: separate processes minutes apart differ by up to 40% here,
+alternating calls by 1-3%. With --cold, a 96 MiB buffer is written before every call, so the cache is read from
+memory as in a model's forward pass (where the other layers' K/V and the weights pass through the caches between two
+calls of one layer). Prints, per case, each build's best time and the median of the per-pair ratios B/A (above 1:
+this tree is faster). Heads as SmolLM2-135M's (9 query, 3 KV heads of 64 dims) unless --heads/--kv-heads say.
 
-Cases: decodes against a shared prefix (16 rows per part), decodes over a request's own keys, a group's 128-token
-leaves against its 1536-token prefix, and causal prefills.
+Cases: decodes against a shared prefix (rows per part = queries x 3), decodes over a request's own keys, a group's
+128-token leaves against its 1536-token prefix, and causal prefills.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = "batchllm/model/csrc"
-FILES = ["bindings.cpp", "ragged_attention.cpp", "fused_ops.cpp", "simd.h"]
 CASES = [  # (parts, queries per part, keys per part, causal)
+    (6, 8, 1008, False),
+    (1, 64, 304, False),
     (10, 16, 1536, False),
     (8, 16, 512, False),
     (8, 16, 1024, False),
@@ -41,27 +43,34 @@ CASES = [  # (parts, queries per part, keys per part, causal)
 ]
 
 
-def build_revision(rev: str, workdir: Path):
-    """The kernels of `rev` as a module named after it (a distinct name, so both load in one process)."""
+def build_revision(rev: str, isa: str, workdir: Path):
+    """The kernels of `rev` for kernel path `isa`, as a module named after it (a distinct name, so both load in one
+    process)."""
     from torch.utils.cpp_extension import load
+
+    from batchllm.machine import isa_cflags
 
     src = workdir / "src"
     src.mkdir(parents=True, exist_ok=True)
-    for name in FILES:
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{CSRC}"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in names:
         text = subprocess.run(["git", "show", f"{rev}:{CSRC}/{name}"], cwd=ROOT, check=True, capture_output=True,
                               text=True).stdout
         (src / name).write_text(text)
-    header_hash = hashlib.sha1((src / "simd.h").read_bytes()).hexdigest()[:12]
-    name = "kernels_" + hashlib.sha1(rev.encode()).hexdigest()[:8]
-    return load(name=name, sources=[str(src / f) for f in FILES if f.endswith(".cpp")],
-                extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffast-math", f"-DBATCHLLM_HEADERS={header_hash}"],
+    headers = b"".join((src / n).read_bytes() for n in sorted(names) if n.endswith(".h"))
+    fast = [] if isa == "portable" else ["-ffast-math"]
+    name = "kernels_" + hashlib.sha1(f"{rev}-{isa}".encode()).hexdigest()[:8]
+    return load(name=name, sources=[str(src / n) for n in names if n.endswith(".cpp")],
+                extra_cflags=["-O3", "-fopenmp", *isa_cflags(isa), *fast,
+                              f"-DBATCHLLM_HEADERS={hashlib.sha1(headers).hexdigest()[:12]}"],
                 extra_include_paths=[str(src)], extra_ldflags=["-fopenmp"], build_directory=str(workdir),
                 verbose=False)
 
 
-def inputs(parts: int, nq: int, nk: int, causal: bool, head_dim: int, block_size: int = 16):
+def inputs(parts: int, nq: int, nk: int, causal: bool, heads: int, kv_heads: int, head_dim: int,
+           block_size: int = 16):
     """Random bf16 queries and cache, each part's keys in shuffled cache blocks."""
-    heads, kv_heads = (8, 4) if head_dim <= 64 else (8, 2)
     g = torch.Generator().manual_seed(0)
     num_blocks = 20000
     kv = torch.randn(2, num_blocks * block_size, kv_heads, head_dim, generator=g).bfloat16()  # [2, S, KVH, D]
@@ -79,16 +88,21 @@ def main() -> None:
     ap.add_argument("--rev", required=True, help="git revision whose kernels are B")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--heads", type=int, default=9)
+    ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--isa", default=None, help="kernel path (default: the selected one, see BATCHLLM_ISA)")
     ap.add_argument("--cold", action="store_true", help="evict the caches before every call")
     args = ap.parse_args()
-    from batchllm.model.cpu_kernels import has_bf16_kernels, load_cpu_kernels
+    from batchllm.machine import selected_isa
+    from batchllm.model.cpu_kernels import load_cpu_kernels
 
-    if not has_bf16_kernels():
-        raise SystemExit("the AVX512-BF16 kernels are not built on this machine")
-    a = load_cpu_kernels()
+    isa = args.isa or selected_isa()
+    a = load_cpu_kernels(isa)
+    if a is None:
+        raise SystemExit(f"the {isa} kernels cannot be built here")
     with tempfile.TemporaryDirectory() as tmp:
-        b = build_revision(args.rev, Path(tmp))
+        b = build_revision(args.rev, isa, Path(tmp))
     torch.set_num_threads(args.threads)
     flush = torch.zeros(96 * 2**20 // 4) if args.cold else None
 
@@ -96,10 +110,11 @@ def main() -> None:
         if flush is not None:
             flush.add_(1.0)
 
-    print(f"A = this tree, B = {args.rev}; {args.threads} thread(s), head_dim {args.head_dim}, {args.reps} pairs"
+    print(f"A = this tree, B = {args.rev}; kernel path {isa}, {args.threads} thread(s), heads {args.heads}/"
+          f"{args.kv_heads} x {args.head_dim}, {args.reps} pairs"
           + (", caches evicted before each call" if args.cold else ""))
     for parts, nq, nk, causal in CASES:
-        x = inputs(parts, nq, nk, causal, args.head_dim)
+        x = inputs(parts, nq, nk, causal, args.heads, args.kv_heads, args.head_dim)
         diff = (a.ragged_attention(*x)[0] - b.ragged_attention(*x)[0]).abs().max().item()
         ta, tb = [], []
         for _ in range(args.reps):

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -33,8 +34,10 @@ constexpr int64_t N = V::N;
 constexpr int64_t KB = 64;          // keys per block
 constexpr int64_t TASK_ROWS = 128;  // rows per task (bounds the per-thread buffers to L2)
 constexpr int64_t SKB = 16;         // keys per block of run_small
-constexpr int NT = N == 16 ? 3 : 2;  // row tiles per register block
-constexpr int NK = N == 16 ? 8 : 6;  // keys per register block of the scores
+// register blocks: NT x NK score accumulators + NT query vectors + 1 broadcast key fit the registers (16 with AVX2,
+// 32 with AVX-512), as do NT x ND accumulators of P V
+constexpr int NT = 3;                // row tiles per register block
+constexpr int NK = N == 16 ? 8 : 4;  // keys per register block of the scores
 constexpr int ND = N == 16 ? 8 : 4;  // dims per register block of P V
 constexpr float NEG = -1e30f;
 constexpr float LOG2E = 1.44269504f, LN2 = 0.69314718f;
@@ -59,20 +62,19 @@ struct Buffers {
   }
 };
 
-// Cache lines queued for prefetching a few at a time (a burst would stall on the core's few miss buffers).
+// The next key block's K and V rows (every head), prefetched a few cache lines per call, so the fetches spread
+// over this block's work (a burst would stall on the core's few miss buffers).
 struct PrefetchQueue {
-  std::vector<const char*> lines;
-  size_t next = 0;
-  void clear() {
-    lines.clear();
-    next = 0;
+  const char* rows[2 * SKB];  // the next block's K and V rows, each `lines` cache lines
+  int64_t n_rows = 0, lines = 0;
+  int64_t row = 0, line = 0;  // the next line to fetch
+  void issue(int64_t count) {
+    for (; count > 0 && row < n_rows; --count) {
+      _mm_prefetch(rows[row] + line * 64, _MM_HINT_T0);
+      if (++line == lines) line = 0, ++row;
+    }
   }
-  void push(const void* p, int64_t bytes) {
-    for (int64_t off = 0; off < bytes; off += 64) lines.push_back(static_cast<const char*>(p) + off);
-  }
-  void issue(size_t n) {
-    for (const size_t end = std::min(lines.size(), next + n); next < end; ++next) _mm_prefetch(lines[next], _MM_HINT_T0);
-  }
+  void issue_all() { issue((n_rows - row) * lines); }
 };
 
 // Work space of run_small, grown to the largest task a thread meets.
@@ -143,11 +145,20 @@ inline void pv_block(Buffers& B, int64_t tile0, int64_t d0, int64_t D, int64_t n
     for (int e = 0; e < ND; ++e) acc[u][e].store(B.acc.data() + ((tile0 + u) * D + d0 + e) * N);
 }
 
+// f(std::integral_constant<int, n>) with n = min(left, NT): a register block of the tiles that are left.
+template <typename F>
+inline void by_tiles(int64_t left, F&& f) {
+  if (left >= NT) f(std::integral_constant<int, NT>{});
+  else if (NT > 2 && left == 2) f(std::integral_constant<int, 2>{});
+  else f(std::integral_constant<int, 1>{});
+}
+
 template <typename T>
 void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, const Args<T>& a) {
   const int64_t G = a.H / a.KVH, D = a.D;
   const int64_t q0 = a.q_ptr[part], k0 = a.kv_ptr[part], nk = a.kv_ptr[part + 1] - k0, first = a.kv_start[part];
-  const int64_t tiles = (R + N - 1) / N, blocks = (tiles + NT - 1) / NT, RP = blocks * NT * N;
+  // rows padded to whole tiles (not to whole register blocks: the last block holds the tiles that are left)
+  const int64_t tiles = (R + N - 1) / N, RP = tiles * N;
   // queries, transposed into lanes; positions and the lowest visible key position of each row (padding rows see
   // nothing: position -1)
   int64_t max_qp = -1, min_lo = std::numeric_limits<int64_t>::max();
@@ -188,11 +199,12 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
       }
     }
     std::fill(B.kb.begin() + nb * D, B.kb.begin() + (nb + NK) * D, 0.f);
-    for (int64_t blk = 0; blk < blocks; ++blk)
-      for (int64_t b0 = 0; b0 < nb; b0 += NK) score_block<NT>(B, blk * NT, b0, D, RP);
+    for (int64_t t0 = 0; t0 < tiles; t0 += NT)
+      for (int64_t b0 = 0; b0 < nb; b0 += NK)
+        by_tiles(tiles - t0, [&](auto nt) { score_block<decltype(nt)::value>(B, t0, b0, D, RP); });
     // visibility, then the online softmax, lane-wise per tile
     const float kpos0 = static_cast<float>(first + j0);
-    for (int64_t tile = 0; tile < blocks * NT; ++tile) {
+    for (int64_t tile = 0; tile < tiles; ++tile) {
       const V qpos = V::load(B.qpos.data() + tile * N), lo = V::load(B.lo.data() + tile * N);
       V mx = V::set1(NEG);
       for (int64_t b = 0; b < nb; ++b) {
@@ -218,8 +230,9 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
       sum.store(B.l.data() + tile * N);
       corr.store(B.c.data() + tile * N);
     }
-    for (int64_t blk = 0; blk < blocks; ++blk)
-      for (int64_t d0 = 0; d0 < D; d0 += ND) pv_block<NT>(B, blk * NT, d0, D, nb, RP);
+    for (int64_t t0 = 0; t0 < tiles; t0 += NT)
+      for (int64_t d0 = 0; d0 < D; d0 += ND)
+        by_tiles(tiles - t0, [&](auto nt) { pv_block<decltype(nt)::value>(B, t0, d0, D, nb, RP); });
   }
   for (int64_t r = 0; r < R; ++r) {
     const int64_t tile = r / N, lane = r % N;
@@ -302,7 +315,8 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
   const int64_t k0 = a.kv_ptr[part], nk = a.kv_ptr[part + 1] - k0, first = a.kv_start[part];
   B.reserve(KVH * R, D);
   float *qs = B.qs.data(), *acc = B.acc.data(), *m = B.m.data(), *l = B.l.data(), *sr = B.sr.data();
-  int64_t max_qp = -1, min_lo = std::numeric_limits<int64_t>::max();
+  float* vb = B.vb.data();
+  int64_t max_qp = -1, min_lo = std::numeric_limits<int64_t>::max(), max_lo = 0, min_qp = 0;
   const float qscale = a.scale * LOG2E;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t row = a.q_rows[q0 + r / G];
@@ -314,7 +328,9 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
     B.qpos[r] = static_cast<float>(pos);
     B.lo[r] = static_cast<float>(lo);
     max_qp = std::max(max_qp, pos);
+    min_qp = r == 0 ? pos : std::min(min_qp, pos);
     min_lo = std::min(min_lo, lo);
+    max_lo = std::max(max_lo, lo);
   }
   std::fill(m, m + KVH * R, NEG);
   std::fill(l, l + KVH * R, 0.f);
@@ -326,29 +342,34 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
   const int64_t row_bytes = row_len * static_cast<int64_t>(sizeof(T));
   const int64_t j_begin = std::max<int64_t>(0, min_lo - first) / SKB * SKB;
   const int64_t j_end = std::min<int64_t>(nk, max_qp - first + 1);
+  B.pf.lines = (row_bytes + 63) / 64 + (row_bytes % 64 != 0);  // a row not starting at a line may end in one more
   auto queue_block = [&](int64_t j, int64_t n_keys) {  // every head's K and V rows of keys j .. j + n_keys - 1
-    B.pf.clear();
-    for (int64_t b = j; b < j + n_keys; ++b) {
-      B.pf.push(a.kv + a.kv_slots[k0 + b] * row_len, row_bytes);
-      B.pf.push(a.kv + v_offset + a.kv_slots[k0 + b] * row_len, row_bytes);
+    PrefetchQueue& pf = B.pf;
+    pf.n_rows = 2 * n_keys;
+    pf.row = pf.line = 0;
+    for (int64_t b = 0; b < n_keys; ++b) {
+      pf.rows[2 * b] = reinterpret_cast<const char*>(a.kv + a.kv_slots[k0 + j + b] * row_len);
+      pf.rows[2 * b + 1] = pf.rows[2 * b] + v_offset * static_cast<int64_t>(sizeof(T));
     }
   };
   if (j_begin < j_end) {  // the first block: nothing to overlap, one burst
     queue_block(j_begin, std::min(SKB, j_end - j_begin));
-    B.pf.issue(B.pf.lines.size());
+    B.pf.issue_all();
   }
   for (int64_t j0 = j_begin; j0 < j_end; j0 += SKB) {
     const int64_t nb = std::min<int64_t>(SKB, j_end - j0), nbv = (nb + N - 1) / N * N;
-    B.pf.issue(B.pf.lines.size());  // what the last block's steps left
+    B.pf.issue_all();  // what the last block's steps left
     queue_block(j0 + SKB, std::max<int64_t>(0, std::min<int64_t>(SKB, j_end - j0 - SKB)));
     const float kpos0 = static_cast<float>(first + j0);
+    // every row sees every key of the block: no visibility masks
+    const bool all_visible = max_lo <= first + j0 && first + j0 + nb - 1 <= min_qp;
     for (int64_t h = 0; h < KVH; ++h) {
       const T* krow[SKB + KS];
       for (int64_t b = 0; b < nb; ++b) {  // this head's K rows, and its V rows in fp32
         const int64_t slot = a.kv_slots[k0 + j0 + b];
         krow[b] = a.kv + slot * row_len + h * D;
         const T* vrow = a.kv + v_offset + slot * row_len + h * D;
-        for (int64_t d = 0; d < D; d += N) load_row(vrow + d, N).store(B.vb.data() + b * D + d);
+        for (int64_t d = 0; d < D; d += N) load_row(vrow + d, N).store(vb + b * D + d);
       }
       for (int64_t b = nb; b < nb + KS; ++b) krow[b] = krow[nb - 1];
       for (int64_t r0 = 0; r0 < R; r0 += RR_MAX) {
@@ -364,17 +385,22 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
         float* s = sr + r * SR;
         for (int64_t b = nb; b < nbv; ++b) s[b] = NEG;
         const int64_t hr = h * R + r;
-        const V qpos = V::set1(B.qpos[r]), lo = V::set1(B.lo[r]);
         V mx = V::set1(NEG);
-        for (int64_t b = 0; b < nbv; b += N) {  // visibility
-          const V kp = V::set1(kpos0 + static_cast<float>(b)) + lane;
-          const V sv = V::select(V::visible(kp, qpos, lo), V::load(s + b), V::set1(NEG));
-          mx = V::max(mx, sv);
-          sv.store(s + b);
+        if (all_visible) {
+          for (int64_t b = 0; b < nbv; b += N) mx = V::max(mx, V::load(s + b));
+        } else {
+          const V qpos = V::set1(B.qpos[r]), lo = V::set1(B.lo[r]);
+          for (int64_t b = 0; b < nbv; b += N) {  // visibility
+            const V kp = V::set1(kpos0 + static_cast<float>(b)) + lane;
+            const V sv = V::select(V::visible(kp, qpos, lo), V::load(s + b), V::set1(NEG));
+            mx = V::max(mx, sv);
+            sv.store(s + b);
+          }
         }
         const float bmax = mx.max();
         if (bmax <= NEG) continue;  // nothing visible to this row in this block
-        const float m_new = std::max(m[hr], bmax), corr = std::exp2(m[hr] - m_new);
+        // the running maximum seldom moves once a few blocks are in: then no rescaling
+        const float m_new = std::max(m[hr], bmax), corr = m_new == m[hr] ? 1.f : std::exp2(m[hr] - m_new);
         V sum = V::zero();
         for (int64_t b = 0; b < nbv; b += N) {  // the online softmax
           const V p = vec::exp2<V, 5>(V::load(s + b) - V::set1(m_new));
@@ -385,7 +411,7 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
         l[hr] = l[hr] * corr + sum.sum();
         float* ar = acc + hr * D;
         for (int64_t d0 = 0; d0 < DV; d0 += CB) {  // acc = acc * corr + P V, at most CB vectors of dims at a time
-          const float* v = B.vb.data() + d0 * N;
+          const float* v = vb + d0 * N;
           switch (std::min<int64_t>(CB, DV - d0)) {
             case 1: pv_row<1>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
             case 2: pv_row<2>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
@@ -437,8 +463,11 @@ bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t*
       tasks.push_back({p, 0, 0, R * KVH, true});
       continue;
     }
+    // tasks of equal size, whole register blocks (but the last), at most TASK_ROWS rows: 192 rows are 2 x 96
+    const int64_t n = (R + TASK_ROWS - 1) / TASK_ROWS, whole = NT * N;
+    const int64_t step = std::min(TASK_ROWS, ((R + n - 1) / n + whole - 1) / whole * whole);
     for (int64_t h = 0; h < KVH; ++h)
-      for (int64_t r0 = 0; r0 < R; r0 += TASK_ROWS) tasks.push_back({p, h, r0, std::min(TASK_ROWS, R - r0), false});
+      for (int64_t r0 = 0; r0 < R; r0 += step) tasks.push_back({p, h, r0, std::min(step, R - r0), false});
   }
   auto work = [&](const Task& t) { return t.rows * (kv_ptr[t.part + 1] - kv_ptr[t.part]); };
   std::sort(tasks.begin(), tasks.end(), [&](const Task& x, const Task& y) { return work(x) > work(y); });
