@@ -23,9 +23,10 @@
 // a row's result does not depend on the rest of the batch (tests check this bit for bit).
 //
 // Work: rows are cut into blocks whose x rows stay in L2 (ROW_BLOCK_BYTES), each block into tiles of nearly equal
-// height <= MR; the items (row block, panel) are split over torch's threads. While a thread works on a panel, its
-// tiles prefetch the thread's next panel into L2, a few lines per step (a burst would stall on the miss buffers), so
-// a decode step's small batch streams the weights instead of waiting on each panel.
+// height <= MR; the items (row block, panel) are split over torch's threads, whole, and the few left over when they
+// do not divide evenly are split by tiles, so no thread waits on another's extra panel. While a thread works on a
+// panel, its tiles prefetch the thread's next panel into L2, a few lines per step (a burst would stall on the miss
+// buffers), so a decode step's small batch streams the weights instead of waiting on each panel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -286,24 +287,43 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, con
   const int64_t num_blocks = (M + block - 1) / block;
   const int64_t panel_lines = steps * NV;  // 64-byte lines in one panel
   const int64_t panel_values = steps * 2 * COLS;
-  at::parallel_for(0, num_blocks * P, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t rb = item / P, p = item % P;
-      const int64_t r0 = rb * block, rn = std::min(block, M - r0);
-      const int64_t tiles = (rn + MR - 1) / MR;
-      const bf16* panel = wp + p * panel_values;
-      const char* next = item + 1 < end ? reinterpret_cast<const char*>(wp + ((item + 1) % P) * panel_values) : nullptr;
-      const int64_t ncols = std::min<int64_t>(per_panel, width - p * per_panel);
-      int64_t m0 = r0, left = rn;
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t rows = (left + (tiles - t) - 1) / (tiles - t);  // nearly equal heights
+  // Tiles t0 .. t1 - 1 of item (row block, panel), of `tiles` in all; prefetches a share of `next` (a panel, or null).
+  auto run = [&](int64_t item, int64_t t0, int64_t t1, const bf16* next) {
+    const int64_t rb = item / P, p = item % P;
+    const int64_t r0 = rb * block, rn = std::min(block, M - r0);
+    const int64_t tiles = (rn + MR - 1) / MR, t_end = std::min(t1, tiles);
+    const bf16* panel = wp + p * panel_values;
+    const int64_t ncols = std::min<int64_t>(per_panel, width - p * per_panel);
+    int64_t m0 = r0, left = rn;
+    for (int64_t t = 0; t < t_end; ++t) {
+      const int64_t rows = (left + (tiles - t) - 1) / (tiles - t);  // nearly equal heights
+      if (t >= t0) {
         // this tile's share of the next panel's lines
-        const int64_t la = panel_lines * t / tiles, lb = panel_lines * (t + 1) / tiles;
+        const int64_t la = panel_lines * (t - t0) / (t_end - t0), lb = panel_lines * (t - t0 + 1) / (t_end - t0);
         tile_rows(rows, xp + m0 * ldx, ldx, panel, steps, bp == nullptr ? nullptr : bp + p * COLS,
-                  op + m0 * width + p * per_panel, width, ncols, next == nullptr ? nullptr : next + 64 * la,
+                  op + m0 * width + p * per_panel, width, ncols,
+                  next == nullptr ? nullptr : reinterpret_cast<const char*>(next) + 64 * la,
                   next == nullptr ? 0 : lb - la, gated);
-        m0 += rows;
-        left -= rows;
+      }
+      m0 += rows;
+      left -= rows;
+    }
+  };
+  // Each thread takes `per` whole items, then its share of the tiles of each of the `extra` items left over: with 9
+  // panels on 2 threads, 4 panels each and half the rows of the ninth (whole items alone would give 5 and 4).
+  const int64_t items = num_blocks * P, per = items / threads, extra = items - per * threads;
+  const int64_t max_tiles = (block + MR - 1) / MR;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t th = begin; th < end; ++th) {
+      const int64_t first = th * per, t0 = max_tiles * th / threads, t1 = max_tiles * (th + 1) / threads;
+      const int64_t n = t0 < t1 ? per + extra : per;  // a thread with no share of the tiles skips the extra items
+      for (int64_t i = 0; i < n; ++i) {
+        const bool whole = i < per;
+        const int64_t item = whole ? first + i : per * threads + (i - per);
+        const int64_t after = i + 1 < per ? first + i + 1 : per * threads + (i + 1 - per);  // this thread's next
+        const bf16* next = i + 1 < n ? wp + (after % P) * panel_values : nullptr;
+        if (whole) run(item, 0, max_tiles, next);
+        else run(item, t0, t1, next);
       }
     }
   });
