@@ -1,6 +1,7 @@
 """A/B of the attention kernels against another git revision's, in one process, on one kernel path.
 
     PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --rev HEAD [--isa avx2] [--threads 2] [--reps 15] [--cold]
+    PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --rev HEAD --gemm    # the projections' gemm instead
 
 Builds `batchllm/model/csrc` as it is at REV into a second extension module, with the flags of the kernel path (the
 selected one, or --isa), and times the two builds on the same inputs, alternating calls (A = this tree, B = REV), so
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--isa", default=None, help="kernel path (default: the selected one, see BATCHLLM_ISA)")
     ap.add_argument("--cold", action="store_true", help="evict the caches before every call")
+    ap.add_argument("--gemm", action="store_true", help="time the gemm on SmolLM2's projections instead")
     args = ap.parse_args()
     from batchllm.machine import selected_isa
     from batchllm.model.cpu_kernels import load_cpu_kernels
@@ -110,27 +112,56 @@ def main() -> None:
         if flush is not None:
             flush.add_(1.0)
 
-    print(f"A = this tree, B = {args.rev}; kernel path {isa}, {args.threads} thread(s), heads {args.heads}/"
-          f"{args.kv_heads} x {args.head_dim}, {args.reps} pairs"
+    def timed(fa, fb) -> tuple[float, float, float]:
+        """(best A, best B, median of the per-pair ratios B/A) over args.reps alternating pairs of calls."""
+        ta, tb = [], []
+        for _ in range(args.reps):
+            for f, times in ((fa, ta), (fb, tb)):
+                evict()
+                t = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - t)
+        return min(ta), min(tb), statistics.median(tb_ / ta_ for ta_, tb_ in zip(ta, tb))
+
+    print(f"A = this tree, B = {args.rev}; kernel path {isa}, {args.threads} thread(s), {args.reps} pairs"
           + (", caches evicted before each call" if args.cold else ""))
+    if args.gemm:
+        gemm_cases(a, b, timed)
+        return
+    print(f"attention: heads {args.heads}/{args.kv_heads} x {args.head_dim}")
     for parts, nq, nk, causal in CASES:
         x = inputs(parts, nq, nk, causal, args.heads, args.kv_heads, args.head_dim)
         diff = (a.ragged_attention(*x)[0] - b.ragged_attention(*x)[0]).abs().max().item()
-        ta, tb = [], []
-        for _ in range(args.reps):
-            evict()
-            t = time.perf_counter()
-            a.ragged_attention(*x)
-            ta.append(time.perf_counter() - t)
-            evict()
-            t = time.perf_counter()
-            b.ragged_attention(*x)
-            tb.append(time.perf_counter() - t)
-        ratio = statistics.median(tb_ / ta_ for ta_, tb_ in zip(ta, tb))
+        ta, tb, ratio = timed(lambda x=x: a.ragged_attention(*x), lambda x=x: b.ragged_attention(*x))
         kind = "causal" if causal else "      "
-        print(f"{parts:4d} parts x {nq:4d} queries x {nk:4d} keys {kind}: A {min(ta) * 1e3:7.2f} ms"
-              f"  B {min(tb) * 1e3:7.2f} ms  B/A {ratio:.2f}  max |A - B| {diff:.1e}")
+        print(f"{parts:4d} parts x {nq:4d} queries x {nk:4d} keys {kind}: A {ta * 1e3:7.2f} ms"
+              f"  B {tb * 1e3:7.2f} ms  B/A {ratio:.2f}  max |A - B| {diff:.1e}")
 
+
+def gemm_cases(a, b, timed) -> None:
+    """SmolLM2-135M's projections (30 layers of random bf16 weights, packed once: both builds share the layout) and
+    its lm_head, at several row counts: each build's best time for all layers, B/A, and whether the outputs agree
+    bit for bit."""
+    from benchmarks.kernel_efficiency import HIDDEN, LAYERS, SHAPES
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {**SHAPES, "lm_head": (49152, HIDDEN)}
+    packed = {name: [a.gemm_pack_weight((torch.randn(o, i, generator=gen) * 0.02).bfloat16(), name == "gate_up")
+                     for _ in range(1 if name == "lm_head" else LAYERS)] for name, (o, i) in shapes.items()}
+    print("gemm: B/A per projection (30 layers; lm_head once)")
+    for rows in (1, 4, 8, 24, 48, 64, 128):
+        cells = []
+        for name, (o, i) in shapes.items():
+            x = torch.randn(rows, i, generator=gen).bfloat16()
+            gated = name == "gate_up"
+
+            def run(m, x=x, name=name, o=o, gated=gated):
+                return [m.gemm(x, w, o, None, gated) for w in packed[name]]
+
+            same = all(torch.equal(ya, yb) for ya, yb in zip(run(a), run(b)))
+            _, _, ratio = timed(lambda: run(a), lambda: run(b))
+            cells.append(f"{name} {ratio:.2f}{'' if same else ' (outputs differ)'}")
+        print(f"{rows:4d} rows: " + ", ".join(cells))
 
 if __name__ == "__main__":
     main()
