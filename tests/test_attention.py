@@ -129,7 +129,9 @@ def _bf16_steps() -> dict[str, tuple[Step, int, int, int | None]]:
         "few-rows": (few, 8, 2, None),
         "few-rows-window-9": (few, 8, 2, 9),
         "odd-prefix": (odd, 8, 2, None),
+        "few-rows-gqa3": (few, 6, 2, None),  # 6 rows per KV head: the decode kernel's row blocks of 4 and 2
         "groups-gqa": (group_step(0, 53), 8, 2, None),
+        "groups-gqa3": (group_step(2, 53), 6, 2, None),  # SmolLM2's group of 3: a row block of 3
         "groups-mqa": (group_step(0, 48), 8, 1, None),
         "groups-mha": (group_step(1, 53), 4, 4, None),
         "nested": (nested, 8, 2, None),
@@ -142,7 +144,7 @@ def _bf16_steps() -> dict[str, tuple[Step, int, int, int | None]]:
 
 
 @pytest.mark.parametrize("isa", isa_params(need_bf16=False))
-@pytest.mark.parametrize("d", [32, 64, 96, 128])
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])  # 80: not whole 32-dim units (AVX-512's decode kernel)
 @pytest.mark.parametrize("case", list(_bf16_steps()))
 def test_bf16_matches_exact_attention_over_bf16_inputs(case, d, isa, attention_path, monkeypatch):
     """bf16 inputs: the output is within bf16 rounding of exact (float64) attention over the same values, on every

@@ -68,18 +68,34 @@ struct PrefetchQueue {
   const char* rows[2 * SKB];  // the next block's K and V rows, each `lines` cache lines
   int64_t n_rows = 0, lines = 0;
   int64_t row = 0, line = 0;  // the next line to fetch
-  void issue(int64_t count) {
-    for (; count > 0 && row < n_rows; --count) {
-      _mm_prefetch(rows[row] + line * 64, _MM_HINT_T0);
-      if (++line == lines) line = 0, ++row;
+  // A position in the queue as a value, so a loop that issues keeps it in registers (the fields would cost a store
+  // and a load per step).
+  struct Cursor {
+    const char* const* rows;
+    int64_t n_rows, lines, row, line;
+    void issue(int64_t count) {
+      for (; count > 0 && row < n_rows; --count) {
+        _mm_prefetch(rows[row] + line * 64, _MM_HINT_T0);
+        if (++line == lines) line = 0, ++row;
+      }
     }
+  };
+  Cursor cursor() const { return {rows, n_rows, lines, row, line}; }
+  void resume(const Cursor& c) {
+    row = c.row;
+    line = c.line;
+  }
+  void issue(int64_t count) {
+    Cursor c = cursor();
+    c.issue(count);
+    resume(c);
   }
   void issue_all() { issue((n_rows - row) * lines); }
 };
 
 // Work space of run_small, grown to the largest task a thread meets.
 struct SmallBuffers {
-  std::vector<float> qs, acc, m, l, vb, sr, qpos, lo;
+  std::vector<float> qs, acc, m, l, corr, sr, qpos, lo;
   PrefetchQueue pf;
   void reserve(int64_t rows, int64_t D) {  // rows: KV heads x rows per head
     auto grow = [](std::vector<float>& v, int64_t n) {
@@ -91,7 +107,7 @@ struct SmallBuffers {
     grow(l, rows);
     grow(qpos, rows);
     grow(lo, rows);
-    grow(vb, SKB * D);
+    grow(corr, rows);
     grow(sr, rows * (SKB + N));
   }
 };
@@ -248,45 +264,56 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
 
 // Parts of a few rows per KV head (decodes): one task per part, over every KV head, so each block's token rows
 // (all heads' K and V) are read whole and once; the rows stay apart and the head dims fill the vector lanes, so a
-// key converted to fp32 once serves every row of its GQA group. The next block's cache lines are prefetched a few
-// at a time while this block is computed (a burst would stall on the core's few miss buffers).
-//   qs    [KVH][R][D]      the rows' queries, scaled by scale * log2 e (row r: query r / G, head h * G + r % G)
-//   vb    [SKB][D]         one head's V rows of the key block, in fp32 (K is converted in registers)
-//   sr    [R][SKB + N]     the block's scores (base 2; -1e30 where not visible), then probabilities
-//   acc   [KVH][R][D]      output accumulators, rescaled by 2^(m_old - m_new) per block
+// key or value converted to fp32 in registers once serves every row of its GQA group. The next block's cache lines
+// are prefetched a few at a time while this block is computed (a burst would stall on the core's few miss buffers).
+// Dims go in units of 2N, a pair of vectors: a bf16 unit read as N 32-bit lanes holds each lane's odd dim in its top
+// half (an fp32 once the bottom half is masked off) and its even dim in its bottom half (one shift), so a unit is one
+// load and two cheap instructions, and the queries and accumulators keep the dims of a unit in that order, evens then
+// odds (fp32 units: the dims in order).
+//   qs    [KVH][R][D]      the rows' queries, scaled by scale * log2 e, dims in unit order (row r: query r / G, head
+//                          h * G + r % G)
+//   sr    [R][SKB + N]     the block's scores of one head (base 2; -1e30 where not visible), then probabilities
+//   acc   [KVH][R][D]      output accumulators, dims in unit order, rescaled by 2^(m_old - m_new) per block
 // A score is a dot product over D summed across lanes.
-constexpr int CB = 8;        // vectors of a row's accumulators held in registers at once (P V)
 
-// One row's acc[0 .. NC vectors) = acc * corr + sum over the nb keys of p[b] * v[b], the NC vectors in registers.
-template <int NC>
-inline void pv_row(float* acc, const float* v, const float* p, int64_t nb, int64_t D, float corr, PrefetchQueue& pf) {
-  V av[NC];
-  for (int c = 0; c < NC; ++c) av[c] = V::load(acc + c * N) * V::set1(corr);
-  for (int64_t b = 0; b < nb; ++b) {
-    if (b % 4 == 0) pf.issue(2);
-    const V pb = V::set1(p[b]);
-    for (int c = 0; c < NC; ++c) av[c] = V::fma(pb, V::load(v + b * D + c * N), av[c]);
-  }
-  for (int c = 0; c < NC; ++c) av[c].store(acc + c * N);
+// The 2N dims of a unit from p: evens and odds (bf16), or the two halves (fp32).
+inline void load_unit(const at::BFloat16* p, V& even, V& odd) { V::load_bf16_pairs(p, even, odd); }
+inline void load_unit(const float* p, V& lo, V& hi) {
+  lo = V::load(p);
+  hi = V::load(p + N);
+}
+// Where dim d of a row sits in unit order.
+template <typename T>
+inline int64_t unit_pos(int64_t d) {
+  if constexpr (std::is_same_v<T, float>) return d;
+  const int64_t i = d % (2 * N);
+  return d - i + (i % 2) * N + i / 2;
 }
 
 // Scores of RR rows (queries q, fp32, scaled, rows D apart) against KS keys (rows `krow` of the cache, converted
-// to fp32 in registers): s[rr * SR + k]. Each key vector serves the RR rows, each query vector the KS keys.
-constexpr int KS = N == 16 ? 4 : 2;  // keys per register block (V8: RR x 2 accumulators + 2 keys in 16 registers)
+// to fp32 in registers): s[rr * SR + k]. Each key unit serves the RR rows, each query vector the KS keys.
+// keys per register block: RR x KS accumulators, a key unit and load_bf16_pairs' mask fit the registers (V8: 16,
+// so 2 keys at RR = 4)
+template <int RR>
+constexpr int KS = N == 16 || RR <= 3 ? 4 : 2;
+constexpr int KS_MAX = 4;
 constexpr int RR_MAX = 4;            // rows per register block
 constexpr int64_t SR = SKB + N;      // stride of a row's scores in sr
 
 template <int RR, typename T>
 inline void score_tile(const float* q, const T* const* krow, float* s, int64_t D) {
+  constexpr int KS = f32k::KS<RR>;
   V acc[RR][KS];
   for (int rr = 0; rr < RR; ++rr)
     for (int k = 0; k < KS; ++k) acc[rr][k] = V::zero();
-  for (int64_t d = 0; d < D; d += N) {
-    V kv[KS];
-    for (int k = 0; k < KS; ++k) kv[k] = load_row(krow[k] + d, N);
-    for (int rr = 0; rr < RR; ++rr) {
-      const V qv = V::load(q + rr * D + d);
-      for (int k = 0; k < KS; ++k) acc[rr][k] = V::fma(qv, kv[k], acc[rr][k]);
+  for (int64_t d = 0; d < D; d += 2 * N) {
+    for (int k = 0; k < KS; ++k) {
+      V k0, k1;
+      load_unit(krow[k] + d, k0, k1);
+      for (int rr = 0; rr < RR; ++rr) {
+        acc[rr][k] = V::fma(V::load(q + rr * D + d), k0, acc[rr][k]);
+        acc[rr][k] = V::fma(V::load(q + rr * D + d + N), k1, acc[rr][k]);
+      }
     }
   }
   for (int rr = 0; rr < RR; ++rr) {
@@ -302,27 +329,73 @@ inline void score_tile(const float* q, const T* const* krow, float* s, int64_t D
 // every score past nb is overwritten with NEG by the caller).
 template <int RR, typename T>
 inline void score_rows(const float* q, const T* const* krow, float* s, int64_t nb, int64_t D, PrefetchQueue& pf) {
-  for (int64_t b = 0; b < nb; b += KS) {
-    pf.issue(2);
+  PrefetchQueue::Cursor next = pf.cursor();
+  for (int64_t b = 0; b < nb; b += KS<RR>) {
+    next.issue(2);
     score_tile<RR>(q, krow + b, s + b, D);
+  }
+  pf.resume(next);
+}
+
+// P V of RB rows over CU units from dim d0: acc[rr] = acc[rr] * corr[rr] + sum over the nb keys of p[rr][b] * v[b],
+// the RB x 2 CU accumulators in registers, each value unit converted once for the RB rows.
+// units per pass: the accumulators, two value vectors, a probability and the mask of load_bf16_pairs fit the
+// registers (V8: 16, at most 12 accumulators; a spilled one costs a store-to-load round trip per key)
+constexpr int64_t cu_max(int64_t rb) { return N == 16 ? (rb <= 3 ? 4 : 3) : (rb == 1 ? 3 : rb == 2 ? 2 : 1); }
+
+template <int RB, int CU, typename T>
+inline void pv_units(float* acc, const T* const* vrow, int64_t d0, const float* p, const float* corr, int64_t nb,
+                     int64_t D, int64_t pf_per_key, PrefetchQueue& pf) {
+  V av[RB][2 * CU];
+  for (int rr = 0; rr < RB; ++rr)
+    for (int c = 0; c < 2 * CU; ++c) av[rr][c] = V::load(acc + rr * D + d0 + c * N) * V::set1(corr[rr]);
+  PrefetchQueue::Cursor next = pf.cursor();
+  for (int64_t b = 0; b < nb; ++b) {
+    next.issue(pf_per_key);
+    V v[2 * CU];
+    for (int u = 0; u < CU; ++u) load_unit(vrow[b] + d0 + u * 2 * N, v[2 * u], v[2 * u + 1]);
+    for (int rr = 0; rr < RB; ++rr) {
+      const V pb = V::set1(p[rr * SR + b]);
+      for (int c = 0; c < 2 * CU; ++c) av[rr][c] = V::fma(pb, v[c], av[rr][c]);
+    }
+  }
+  pf.resume(next);
+  for (int rr = 0; rr < RB; ++rr)
+    for (int c = 0; c < 2 * CU; ++c) av[rr][c].store(acc + rr * D + d0 + c * N);
+}
+
+template <int RB, typename T>
+inline void pv_rows(float* acc, const T* const* vrow, const float* p, const float* corr, int64_t nb, int64_t D,
+                    int64_t pf_per_key, PrefetchQueue& pf) {
+  constexpr int64_t CU = cu_max(RB);
+  for (int64_t d0 = 0; d0 < D; d0 += CU * 2 * N) {
+    switch (std::min<int64_t>(CU, (D - d0) / (2 * N))) {
+      case 1: pv_units<RB, 1>(acc, vrow, d0, p, corr, nb, D, pf_per_key, pf); break;
+      case 2: if constexpr (CU >= 2) pv_units<RB, 2>(acc, vrow, d0, p, corr, nb, D, pf_per_key, pf); break;
+      case 3: if constexpr (CU >= 3) pv_units<RB, 3>(acc, vrow, d0, p, corr, nb, D, pf_per_key, pf); break;
+      default: if constexpr (CU >= 4) pv_units<RB, 4>(acc, vrow, d0, p, corr, nb, D, pf_per_key, pf);
+    }
   }
 }
 
+// Whether run_small takes head dim D: whole units.
+inline bool small_takes(int64_t D) { return D % (2 * N) == 0; }
+
 template <typename T>
 void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
-  const int64_t G = a.H / a.KVH, D = a.D, DV = D / N, KVH = a.KVH;
+  const int64_t G = a.H / a.KVH, D = a.D, KVH = a.KVH;
   const int64_t q0 = a.q_ptr[part], R = (a.q_ptr[part + 1] - q0) * G;
   const int64_t k0 = a.kv_ptr[part], nk = a.kv_ptr[part + 1] - k0, first = a.kv_start[part];
   B.reserve(KVH * R, D);
   float *qs = B.qs.data(), *acc = B.acc.data(), *m = B.m.data(), *l = B.l.data(), *sr = B.sr.data();
-  float* vb = B.vb.data();
+  float* corr = B.corr.data();
   int64_t max_qp = -1, min_lo = std::numeric_limits<int64_t>::max(), max_lo = 0, min_qp = 0;
   const float qscale = a.scale * LOG2E;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t row = a.q_rows[q0 + r / G];
     for (int64_t h = 0; h < KVH; ++h) {
       const T* src = a.q + row * a.QS + (h * G + r % G) * D;
-      for (int64_t d = 0; d < D; ++d) qs[(h * R + r) * D + d] = static_cast<float>(src[d]) * qscale;
+      for (int64_t d = 0; d < D; ++d) qs[(h * R + r) * D + unit_pos<T>(d)] = static_cast<float>(src[d]) * qscale;
     }
     const int64_t pos = a.q_pos[row], lo = a.window > 0 ? pos - a.window + 1 : 0;
     B.qpos[r] = static_cast<float>(pos);
@@ -356,22 +429,30 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
     queue_block(j_begin, std::min(SKB, j_end - j_begin));
     B.pf.issue_all();
   }
+  int64_t pv_passes = 0;  // passes of P V over the dims, every row block of a head
+  for (int64_t r0 = 0; r0 < R; r0 += RR_MAX) {
+    const int64_t cu = cu_max(std::min<int64_t>(RR_MAX, R - r0));
+    pv_passes += (D / (2 * N) + cu - 1) / cu;
+  }
   for (int64_t j0 = j_begin; j0 < j_end; j0 += SKB) {
     const int64_t nb = std::min<int64_t>(SKB, j_end - j0), nbv = (nb + N - 1) / N * N;
     B.pf.issue_all();  // what the last block's steps left
     queue_block(j0 + SKB, std::max<int64_t>(0, std::min<int64_t>(SKB, j_end - j0 - SKB)));
+    // the P V steps of the block (heads x passes x keys) share the prefetches the scores leave
+    const int64_t pv_steps = KVH * pv_passes * nb;
+    const int64_t pf_per_key = (B.pf.n_rows * B.pf.lines + pv_steps - 1) / pv_steps;
     const float kpos0 = static_cast<float>(first + j0);
     // every row sees every key of the block: no visibility masks
     const bool all_visible = max_lo <= first + j0 && first + j0 + nb - 1 <= min_qp;
     for (int64_t h = 0; h < KVH; ++h) {
-      const T* krow[SKB + KS];
-      for (int64_t b = 0; b < nb; ++b) {  // this head's K rows, and its V rows in fp32
+      const T* krow[SKB + KS_MAX];
+      const T* vrow[SKB];
+      for (int64_t b = 0; b < nb; ++b) {  // this head's K and V rows
         const int64_t slot = a.kv_slots[k0 + j0 + b];
         krow[b] = a.kv + slot * row_len + h * D;
-        const T* vrow = a.kv + v_offset + slot * row_len + h * D;
-        for (int64_t d = 0; d < D; d += N) load_row(vrow + d, N).store(vb + b * D + d);
+        vrow[b] = a.kv + v_offset + slot * row_len + h * D;
       }
-      for (int64_t b = nb; b < nb + KS; ++b) krow[b] = krow[nb - 1];
+      for (int64_t b = nb; b < nb + KS_MAX; ++b) krow[b] = krow[nb - 1];
       for (int64_t r0 = 0; r0 < R; r0 += RR_MAX) {
         const float* q = qs + (h * R + r0) * D;
         switch (std::min<int64_t>(RR_MAX, R - r0)) {
@@ -381,7 +462,7 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
           default: score_rows<4>(q, krow, sr + r0 * SR, nb, D, B.pf);
         }
       }
-      for (int64_t r = 0; r < R; ++r) {
+      for (int64_t r = 0; r < R; ++r) {  // the online softmax: probabilities in sr, the rescaling in corr
         float* s = sr + r * SR;
         for (int64_t b = nb; b < nbv; ++b) s[b] = NEG;
         const int64_t hr = h * R + r;
@@ -398,30 +479,31 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
           }
         }
         const float bmax = mx.max();
-        if (bmax <= NEG) continue;  // nothing visible to this row in this block
+        if (bmax <= NEG) {  // nothing visible to this row in this block: no change
+          for (int64_t b = 0; b < nbv; b += N) V::zero().store(s + b);
+          corr[r] = 1.f;
+          continue;
+        }
         // the running maximum seldom moves once a few blocks are in: then no rescaling
-        const float m_new = std::max(m[hr], bmax), corr = m_new == m[hr] ? 1.f : std::exp2(m[hr] - m_new);
+        const float m_new = std::max(m[hr], bmax);
+        corr[r] = m_new == m[hr] ? 1.f : std::exp2(m[hr] - m_new);
         V sum = V::zero();
-        for (int64_t b = 0; b < nbv; b += N) {  // the online softmax
+        for (int64_t b = 0; b < nbv; b += N) {
           const V p = vec::exp2<V, 5>(V::load(s + b) - V::set1(m_new));
           sum = sum + p;
           p.store(s + b);
         }
         m[hr] = m_new;
-        l[hr] = l[hr] * corr + sum.sum();
-        float* ar = acc + hr * D;
-        for (int64_t d0 = 0; d0 < DV; d0 += CB) {  // acc = acc * corr + P V, at most CB vectors of dims at a time
-          const float* v = vb + d0 * N;
-          switch (std::min<int64_t>(CB, DV - d0)) {
-            case 1: pv_row<1>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
-            case 2: pv_row<2>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
-            case 3: pv_row<3>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
-            case 4: pv_row<4>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
-            case 5: pv_row<5>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
-            case 6: pv_row<6>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
-            case 7: pv_row<7>(ar + d0 * N, v, s, nb, D, corr, B.pf); break;
-            default: pv_row<8>(ar + d0 * N, v, s, nb, D, corr, B.pf);
-          }
+        l[hr] = l[hr] * corr[r] + sum.sum();
+      }
+      for (int64_t r0 = 0; r0 < R; r0 += RR_MAX) {
+        float* ar = acc + (h * R + r0) * D;
+        const float* p = sr + r0 * SR;
+        switch (std::min<int64_t>(RR_MAX, R - r0)) {
+          case 1: pv_rows<1>(ar, vrow, p, corr + r0, nb, D, pf_per_key, B.pf); break;
+          case 2: pv_rows<2>(ar, vrow, p, corr + r0, nb, D, pf_per_key, B.pf); break;
+          case 3: pv_rows<3>(ar, vrow, p, corr + r0, nb, D, pf_per_key, B.pf); break;
+          default: pv_rows<4>(ar, vrow, p, corr + r0, nb, D, pf_per_key, B.pf);
         }
       }
     }
@@ -432,7 +514,7 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
       float* o = a.out + ((q0 + r / G) * a.H + head) * D;
       const bool seen = l[hr] > 0.f;
       const float inv = seen ? 1.f / l[hr] : 0.f;
-      for (int64_t d = 0; d < D; ++d) o[d] = acc[hr * D + d] * inv;
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[hr * D + unit_pos<T>(d)] * inv;
       a.lse[(q0 + r / G) * a.H + head] = seen ? (m[hr] + std::log2(l[hr])) * LN2 : NEG;
     }
   }
@@ -459,7 +541,7 @@ bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t*
   for (int64_t p = 0; p < num_parts; ++p) {
     const int64_t R = (q_ptr[p + 1] - q_ptr[p]) * G;
     if (R == 0) continue;
-    if (R <= small_rows) {
+    if (R <= small_rows && small_takes(D)) {
       tasks.push_back({p, 0, 0, R * KVH, true});
       continue;
     }

@@ -80,6 +80,13 @@ struct V16 {
     return from_raw(n >= N ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
                            : _mm256_maskz_loadu_epi16(tail(n), p));
   }
+  // 32 bf16 from p -> the even-indexed ones (p[0], p[2], ..) and the odd-indexed ones: a pair read as one 32-bit
+  // lane holds the odd one in its top half (an fp32 once the bottom half is cleared), the even one in its bottom half
+  static void load_bf16_pairs(const bf16* p, V16& even, V16& odd) {
+    const __m512i raw = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
   __m256i to_raw() const {  // -> 16 bf16 bit patterns, round to nearest even
 #if defined(__AVX512BF16__)
     return (__m256i)_mm512_cvtneps_pbh(v);
@@ -149,6 +156,11 @@ struct V8 {
     uint16_t tmp[N] = {0};
     std::memcpy(tmp, p, static_cast<size_t>(n) * 2);
     return from_raw(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp)));
+  }
+  static void load_bf16_pairs(const bf16* p, V8& even, V8& odd) {  // as V16's, 16 bf16
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    odd = _mm256_and_ps(_mm256_castsi256_ps(raw), _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
   __m128i to_raw() const {  // -> 8 bf16 bit patterns, round to nearest even, NaN -> 0x7FC0
     const __m256i u = _mm256_castps_si256(v);
