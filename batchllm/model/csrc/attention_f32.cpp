@@ -41,6 +41,10 @@ constexpr int NK = N == 16 ? 8 : 4;  // keys per register block of the scores
 constexpr int ND = N == 16 ? 8 : 4;  // dims per register block of P V
 constexpr float NEG = -1e30f;
 constexpr float LOG2E = 1.44269504f, LN2 = 0.69314718f;
+// degree of exp2's polynomial: 5 (relative error ~3e-6) is ample over a bf16 cache, whose values carry ~4e-3;
+// an fp32 cache gets 6 (~1e-7), as exact as expf
+template <typename T>
+constexpr int EXP_DEGREE = std::is_same_v<T, float> ? 6 : 5;
 
 inline V load_row(const at::BFloat16* p, int64_t n) { return V::load_bf16(p, n); }
 inline V load_row(const float* p, int64_t n) { return V::load(p, n); }
@@ -231,14 +235,14 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
         sv.store(s);
       }
       const V m_old = V::load(B.m.data() + tile * N), m_new = V::max(m_old, mx);
-      const V corr = vec::exp2<V, 5>(m_old - m_new);
+      const V corr = vec::exp2<V, EXP_DEGREE<T>>(m_old - m_new);
       // a row that has seen no key yet has m_new = NEG: subtracting at least -1e20 keeps its masked scores at ~NEG,
       // whose 2^x is 0
       const V m_sub = V::max(m_new, V::set1(-1e20f));
       V sum = V::load(B.l.data() + tile * N) * corr;
       for (int64_t b = 0; b < nb; ++b) {
         float* s = B.st.data() + b * RP + tile * N;
-        const V p = vec::exp2<V, 5>(V::load(s) - m_sub);
+        const V p = vec::exp2<V, EXP_DEGREE<T>>(V::load(s) - m_sub);
         sum = sum + p;
         p.store(s);
       }
@@ -489,7 +493,7 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
         corr[r] = m_new == m[hr] ? 1.f : std::exp2(m[hr] - m_new);
         V sum = V::zero();
         for (int64_t b = 0; b < nbv; b += N) {
-          const V p = vec::exp2<V, 5>(V::load(s + b) - V::set1(m_new));
+          const V p = vec::exp2<V, EXP_DEGREE<T>>(V::load(s + b) - V::set1(m_new));
           sum = sum + p;
           p.store(s + b);
         }
@@ -523,15 +527,17 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
 }  // namespace f32k
 
 // Every part: those of at most `small_rows` rows per KV head in run_small, one task each; the others split
-// into tasks of at most TASK_ROWS rows for run_task. Returns whether head_dim suits the kernels (a multiple of ND and
-// of the vector width); else nothing was computed.
+// into tasks of at most TASK_ROWS rows for run_task, or, with `small_only`, left alone (the caller computes them).
+// Returns whether head_dim suits the kernels (a multiple of ND and of the vector width; with `small_only`, of
+// run_small's units); else nothing was computed.
 template <typename T>
 bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t* q_rows, const int64_t* kv_ptr,
                    const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos, int64_t num_parts,
                    int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale, float* out,
-                   float* lse, int64_t small_rows) {
+                   float* lse, int64_t small_rows, bool small_only) {
   using namespace f32k;
   if (D % ND != 0 || D % N != 0) return false;
+  if (small_only && !small_takes(D)) return false;
   struct Task {
     int64_t part, head, row0, rows;
     bool small;  // run_small: every KV head of the part
@@ -545,6 +551,7 @@ bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t*
       tasks.push_back({p, 0, 0, R * KVH, true});
       continue;
     }
+    if (small_only) continue;
     // tasks of equal size, whole register blocks (but the last), at most TASK_ROWS rows: 192 rows are 2 x 96
     const int64_t n = (R + TASK_ROWS - 1) / TASK_ROWS, whole = NT * N;
     const int64_t step = std::min(TASK_ROWS, ((R + n - 1) / n + whole - 1) / whole * whole);
@@ -573,9 +580,9 @@ bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t*
 template bool f32_attention<at::BFloat16>(const at::BFloat16*, const at::BFloat16*, const int64_t*, const int64_t*,
                                           const int64_t*, const int64_t*, const int64_t*, const int64_t*, int64_t,
                                           int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*, float*,
-                                          int64_t);
+                                          int64_t, bool);
 template bool f32_attention<float>(const float*, const float*, const int64_t*, const int64_t*, const int64_t*,
                                    const int64_t*, const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t,
-                                   int64_t, int64_t, int64_t, float, float*, float*, int64_t);
+                                   int64_t, int64_t, int64_t, float, float*, float*, int64_t, bool);
 
 #endif
