@@ -72,27 +72,11 @@ struct PrefetchQueue {
   const char* rows[2 * SKB];  // the next block's K and V rows, each `lines` cache lines
   int64_t n_rows = 0, lines = 0;
   int64_t row = 0, line = 0;  // the next line to fetch
-  // A position in the queue as a value, so a loop that issues keeps it in registers (the fields would cost a store
-  // and a load per step).
-  struct Cursor {
-    const char* const* rows;
-    int64_t n_rows, lines, row, line;
-    void issue(int64_t count) {
-      for (; count > 0 && row < n_rows; --count) {
-        _mm_prefetch(rows[row] + line * 64, _MM_HINT_T0);
-        if (++line == lines) line = 0, ++row;
-      }
-    }
-  };
-  Cursor cursor() const { return {rows, n_rows, lines, row, line}; }
-  void resume(const Cursor& c) {
-    row = c.row;
-    line = c.line;
-  }
   void issue(int64_t count) {
-    Cursor c = cursor();
-    c.issue(count);
-    resume(c);
+    for (; count > 0 && row < n_rows; --count) {
+      _mm_prefetch(rows[row] + line * 64, _MM_HINT_T0);
+      if (++line == lines) line = 0, ++row;
+    }
   }
   void issue_all() { issue((n_rows - row) * lines); }
 };
@@ -333,12 +317,8 @@ inline void score_tile(const float* q, const T* const* krow, float* s, int64_t D
 // every score past nb is overwritten with NEG by the caller).
 template <int RR, typename T>
 inline void score_rows(const float* q, const T* const* krow, float* s, int64_t nb, int64_t D, PrefetchQueue& pf) {
-  PrefetchQueue::Cursor next = pf.cursor();
-  for (int64_t b = 0; b < nb; b += KS<RR>) {
-    next.issue(2);
-    score_tile<RR>(q, krow + b, s + b, D);
-  }
-  pf.resume(next);
+  pf.issue(2 * ((nb + KS<RR> - 1) / KS<RR>));
+  for (int64_t b = 0; b < nb; b += KS<RR>) score_tile<RR>(q, krow + b, s + b, D);
 }
 
 // P V of RB rows over CU units from dim d0: acc[rr] = acc[rr] * corr[rr] + sum over the nb keys of p[rr][b] * v[b],
@@ -353,9 +333,8 @@ inline void pv_units(float* acc, const T* const* vrow, int64_t d0, const float* 
   V av[RB][2 * CU];
   for (int rr = 0; rr < RB; ++rr)
     for (int c = 0; c < 2 * CU; ++c) av[rr][c] = V::load(acc + rr * D + d0 + c * N) * V::set1(corr[rr]);
-  PrefetchQueue::Cursor next = pf.cursor();
+  pf.issue(pf_per_key * nb);
   for (int64_t b = 0; b < nb; ++b) {
-    next.issue(pf_per_key);
     V v[2 * CU];
     for (int u = 0; u < CU; ++u) load_unit(vrow[b] + d0 + u * 2 * N, v[2 * u], v[2 * u + 1]);
     for (int rr = 0; rr < RB; ++rr) {
@@ -363,7 +342,6 @@ inline void pv_units(float* acc, const T* const* vrow, int64_t d0, const float* 
       for (int c = 0; c < 2 * CU; ++c) av[rr][c] = V::fma(pb, v[c], av[rr][c]);
     }
   }
-  pf.resume(next);
   for (int rr = 0; rr < RB; ++rr)
     for (int c = 0; c < 2 * CU; ++c) av[rr][c].store(acc + rr * D + d0 + c * N);
 }
