@@ -134,33 +134,6 @@ def test_cpu_kv_cache_is_zeroed_writable_and_of_its_dtype(tiny_llama, dtype, com
     assert kv.layers[0][1, 2, 3].float().eq(1.5).all() and torch.count_nonzero(kv.layers[1]) == 0
 
 
-def _vma_flags(address: int) -> list[str]:
-    """The VmFlags of the mapping of this process holding `address` (/proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads the mappings' flags from /proc")
-@pytest.mark.parametrize("commit", [False, True])
-def test_cpu_kv_cache_asks_for_huge_pages(tiny_llama, commit):
-    """Each layer's tensor is a mapping of its own advised MADV_HUGEPAGE (flag `hg`), so the kernel backs it with
-    2 MiB pages where it can: decodes read blocks scattered over the cache, a TLB miss per block on 4 KiB pages."""
-    if not hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
-        pytest.skip("this Python's mmap has no MADV_HUGEPAGE")
-    cfg = ModelConfig.from_hf(tiny_llama)
-    kv = KVCache(cfg, 64, 16, torch.bfloat16, torch.device("cpu"), commit=commit)
-    for t in kv.layers:
-        assert "hg" in _vma_flags(t.data_ptr())
-
-
 _RSS_PROBE = """
 import os, sys, torch
 from batchllm.model_config import ModelConfig
