@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --rev HEAD [--isa avx2] [--threads 2] [--reps 15] [--cold]
     PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --rev HEAD --gemm    # the projections' gemm instead
+    PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --rev HEAD --fp32    # attention over an fp32 cache
 
 Builds `batchllm/model/csrc` as it is at REV into a second extension module, with the flags of the kernel path (the
 selected one, or --isa), and times the two builds on the same inputs, alternating calls (A = this tree, B = REV), so
@@ -70,12 +71,12 @@ def build_revision(rev: str, isa: str, workdir: Path):
 
 
 def inputs(parts: int, nq: int, nk: int, causal: bool, heads: int, kv_heads: int, head_dim: int,
-           block_size: int = 16):
-    """Random bf16 queries and cache, each part's keys in shuffled cache blocks."""
+           block_size: int = 16, dtype: torch.dtype = torch.bfloat16):
+    """Random queries and cache of `dtype`, each part's keys in shuffled cache blocks."""
     g = torch.Generator().manual_seed(0)
     num_blocks = 20000
-    kv = torch.randn(2, num_blocks * block_size, kv_heads, head_dim, generator=g).bfloat16()  # [2, S, KVH, D]
-    q = torch.randn(parts * nq, heads, head_dim, generator=g).bfloat16()  # [T, H, D]
+    kv = torch.randn(2, num_blocks * block_size, kv_heads, head_dim, generator=g).to(dtype)  # [2, S, KVH, D]
+    q = torch.randn(parts * nq, heads, head_dim, generator=g).to(dtype)  # [T, H, D]
     per_part = -(-nk // block_size)
     slots = [(torch.randperm(num_blocks, generator=g)[:per_part, None] * block_size
               + torch.arange(block_size)).reshape(-1)[:nk] for _ in range(parts)]
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--isa", default=None, help="kernel path (default: the selected one, see BATCHLLM_ISA)")
     ap.add_argument("--cold", action="store_true", help="evict the caches before every call")
     ap.add_argument("--gemm", action="store_true", help="time the gemm on SmolLM2's projections instead")
+    ap.add_argument("--fp32", action="store_true", help="attention over an fp32 cache (dtype=float32 runs)")
     args = ap.parse_args()
     from batchllm.machine import selected_isa
     from batchllm.model.cpu_kernels import load_cpu_kernels
@@ -128,9 +130,10 @@ def main() -> None:
     if args.gemm:
         gemm_cases(a, b, timed)
         return
-    print(f"attention: heads {args.heads}/{args.kv_heads} x {args.head_dim}")
+    dtype = torch.float32 if args.fp32 else torch.bfloat16
+    print(f"attention: heads {args.heads}/{args.kv_heads} x {args.head_dim}, {dtype} cache")
     for parts, nq, nk, causal in CASES:
-        x = inputs(parts, nq, nk, causal, args.heads, args.kv_heads, args.head_dim)
+        x = inputs(parts, nq, nk, causal, args.heads, args.kv_heads, args.head_dim, dtype=dtype)
         diff = (a.ragged_attention(*x)[0] - b.ragged_attention(*x)[0]).abs().max().item()
         ta, tb, ratio = timed(lambda x=x: a.ragged_attention(*x), lambda x=x: b.ragged_attention(*x))
         kind = "causal" if causal else "      "

@@ -822,9 +822,8 @@ std::vector<at::Tensor> ragged_attention(at::Tensor q, at::Tensor kv, at::Tensor
                                 out.data_ptr<float>(), lse.data_ptr<float>());
   } else {
     TORCH_CHECK(q.scalar_type() == at::ScalarType::Float, "ragged_attention takes bf16 or fp32");
-    // Decodes (parts of at most F32_SMALL_ROWS rows per KV head) run in attention_f32.cpp's decode kernel, 2.1-3.4x
-    // faster than the portable loop (Zen 5, 2 threads, avx2 and avx512: one step over 64 x 1024, 128 x 544 or
-    // 32 x 2 x 512 tokens). Parts of more rows stay in the portable loop: the register-blocked kernel took the worst
+    // Decodes (parts of at most F32_SMALL_ROWS rows per KV head) run in attention_f32.cpp's decode kernel, 1.8-3.4x
+    // faster than the portable loop (Zen 5, 2 threads, avx2 and avx512bf16 builds; benchmarks/kernel_ab.py --fp32). Parts of more rows stay in the portable loop: the register-blocked kernel took the worst
     // prompt logprob against HF's from 7.6e-6 to 1.4e-5 (tests/test_scoring.py, chunks of 5 tokens), past the 1e-5
     // that fp32 promises; the decode kernel keeps it at 7.6e-6 (avx512bf16) and 7.9e-6 (avx2, was 9.3e-6).
     int64_t done_rows = 0;
