@@ -253,7 +253,8 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
 // Parts of a few rows per KV head (decodes): one task per part, over every KV head, so each block's token rows
 // (all heads' K and V) are read whole and once; the rows stay apart and the head dims fill the vector lanes, so a
 // key or value converted to fp32 in registers once serves every row of its GQA group. The next block's cache lines
-// are prefetched a few at a time while this block is computed (a burst would stall on the core's few miss buffers).
+// are prefetched while this block is computed, a share before each pass over its keys (all at once would stall on
+// the core's few miss buffers).
 // Dims go in units of 2N, a pair of vectors: a bf16 unit read as N 32-bit lanes holds each lane's odd dim in its top
 // half (an fp32 once the bottom half is masked off) and its even dim in its bottom half (one shift), so a unit is one
 // load and two cheap instructions, and the queries and accumulators keep the dims of a unit in that order, evens then
