@@ -271,14 +271,6 @@ inline void load_unit(const float* p, V& lo, V& hi) {
   lo = V::load(p);
   hi = V::load(p + N);
 }
-// Where dim d of a row sits in unit order.
-template <typename T>
-inline int64_t unit_pos(int64_t d) {
-  if constexpr (std::is_same_v<T, float>) return d;
-  const int64_t i = d % (2 * N);
-  return d - i + (i % 2) * N + i / 2;
-}
-
 // Scores of RR rows (queries q, fp32, scaled, rows D apart) against KS keys (rows `krow` of the cache, converted
 // to fp32 in registers): s[rr * SR + k]. Each key unit serves the RR rows, each query vector the KS keys.
 // keys per register block: RR x KS accumulators, a key unit and load_bf16_pairs' mask fit the registers (V8: 16,
@@ -378,7 +370,13 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
     const int64_t row = a.q_rows[q0 + r / G];
     for (int64_t h = 0; h < KVH; ++h) {
       const T* src = a.q + row * a.QS + (h * G + r % G) * D;
-      for (int64_t d = 0; d < D; ++d) qs[(h * R + r) * D + unit_pos<T>(d)] = static_cast<float>(src[d]) * qscale;
+      float* dst = qs + (h * R + r) * D;
+      for (int64_t d = 0; d < D; d += 2 * N) {  // in unit order
+        V lo, hi;
+        load_unit(src + d, lo, hi);
+        (lo * V::set1(qscale)).store(dst + d);
+        (hi * V::set1(qscale)).store(dst + d + N);
+      }
     }
     const int64_t pos = a.q_pos[row], lo = a.window > 0 ? pos - a.window + 1 : 0;
     B.qpos[r] = static_cast<float>(pos);
@@ -497,7 +495,17 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
       float* o = a.out + ((q0 + r / G) * a.H + head) * D;
       const bool seen = l[hr] > 0.f;
       const float inv = seen ? 1.f / l[hr] : 0.f;
-      for (int64_t d = 0; d < D; ++d) o[d] = acc[hr * D + unit_pos<T>(d)] * inv;
+      const float* ar = acc + hr * D;
+      for (int64_t d0 = 0; d0 < D; d0 += 2 * N)  // from unit order: bf16 units hold the even dims, then the odd
+        for (int64_t i = 0; i < N; ++i) {
+          if constexpr (std::is_same_v<T, float>) {
+            o[d0 + i] = ar[d0 + i] * inv;
+            o[d0 + N + i] = ar[d0 + N + i] * inv;
+          } else {
+            o[d0 + 2 * i] = ar[d0 + i] * inv;
+            o[d0 + 2 * i + 1] = ar[d0 + N + i] * inv;
+          }
+        }
       a.lse[(q0 + r / G) * a.H + head] = seen ? (m[hr] + std::log2(l[hr])) * LN2 : NEG;
     }
   }
