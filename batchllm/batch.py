@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from batchllm.config import EngineConfig
 from batchllm.kv.block_pool import block_hashes
-from batchllm.prefix.plan import PrefixPlan
+from batchllm.prefix.plan import PrefixPlan, plan_batch
 from batchllm.request import Sequence as Seq
 
 
@@ -21,6 +21,17 @@ class SequenceSet:
     nodes: list[Seq]  # plan order: parents before children
     leaves: list[Seq]  # one per planned prompt, in the plan's prompt order
     roots: list[Seq]  # top-level sequence of each group, in the order the groups should start
+
+
+def plan_for_cache(prompts: Sequence[list[int]], totals: Sequence[int], block_size: int, mode: str,
+                   kv_blocks: int) -> PrefixPlan:
+    """The prefix plan of `prompts` (prompt j grows to `totals[j]` tokens) for a cache of `kv_blocks` blocks. Its
+    nodes end to the token, unless a request's chain of blocks would then outgrow the whole cache: then at block
+    boundaries, where a chain needs no more blocks than its request alone (so any request that fits runs)."""
+    plan = plan_batch(prompts, block_size, mode=mode)
+    if plan.nodes and plan.max_chain_blocks(totals) > kv_blocks:
+        plan = plan_batch(prompts, block_size, mode=mode, token_ends=False)
+    return plan
 
 
 def build_sequences(plan: PrefixPlan, prompts: Sequence[list[int]], max_tokens: Sequence[int],

@@ -14,9 +14,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from batchllm.batch import build_sequences
+from batchllm.batch import build_sequences, plan_for_cache
 from batchllm.outputs import CompletionOutput, LeafOutput, RequestOutput
-from batchllm.prefix.plan import plan_batch
 from batchllm.request import Sequence
 from batchllm.runner import SampleRow
 from batchllm.sampling_params import SamplingParams, derive_seed
@@ -93,7 +92,9 @@ class BatchRun:
         """Plan the batch globally, build node and leaf sequences, and queue the groups in their start order."""
         flat = [(r, k) for r in requests for k in range(r.params.n)]
         prompts = [r.prompt_ids for r, _ in flat]
-        plan = plan_batch(prompts, self.engine.config.block_size, mode=self.engine.args.plan)
+        cfg = self.engine.config
+        plan = plan_for_cache(prompts, [len(p) + r.params.max_tokens for p, (r, _) in zip(prompts, flat)],
+                              cfg.block_size, self.engine.args.plan, cfg.kv_cache_blocks)
         want = [None if r.params.prompt_logprobs is None else (r.params.prompt_logprobs, r.params.prompt_logprobs_from)
                 for r, _ in flat]
         seqs = build_sequences(plan, prompts, [r.params.max_tokens for r, _ in flat], [r.index for r, _ in flat],

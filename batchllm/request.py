@@ -8,12 +8,17 @@ kinds exist:
 - a **leaf**: one sample of one request (a request with n = 3 is three leaves). It samples a token whenever all of its
   tokens have been computed.
 
-A leaf's block table is its ancestors' blocks followed by its own:
+A leaf's KV lies in its ancestors' blocks, then its own:
 
-    positions  0 ........ 64 ............ 128 .............. num_tokens
+    positions  0 ........ 70 ............ 133 .............. num_tokens
                [ node A (root) ][ node B (nested) ][ leaf's own tokens + output ]
     blocks     A.blocks          B.blocks           leaf.blocks
-               start=0           start=A.end        start=B.end   (every start is a multiple of block_size)
+               start=0           start=A.end        start=B.end
+
+A shared node may end mid-block (its requests share a few tokens past a block boundary). The sequence below it then
+starts mid-block too: its position `start` sits at slot `start % block_size` of its first own block, and that
+block's leading slots stay unused (never read), so siblings write their own tokens into their own blocks and no
+block is copied. `slot_of` maps a position to its cache slot.
 """
 
 from __future__ import annotations
@@ -84,8 +89,14 @@ class Sequence:
     def wants_prompt_logprobs(self, row_position: int) -> bool:
         return self.lp_from <= row_position <= self.lp_last
 
+    def slot_of(self, position: int, block_size: int) -> int:
+        """The cache slot of one of this sequence's own positions (start <= position < its blocks' end)."""
+        rel = position - self.start + self.start % block_size
+        return self.blocks[rel // block_size] * block_size + rel % block_size
+
     def block_table(self) -> list[int]:
-        """All blocks holding this sequence's KV from position 0, ancestors first."""
+        """All blocks holding this sequence's KV and its ancestors', outermost first (where a sequence starts
+        mid-block, its first block's leading slots are unused: see the module docstring)."""
         chain = []
         s = self
         while s is not None:

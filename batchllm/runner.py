@@ -59,7 +59,8 @@ class ModelRunner:
         all_rows = np.arange(plan.num_tokens, dtype=np.int64)  # [T]; each part's rows are a view of it
         for seq, n in zip(plan.seqs, plan.num_new):
             c = seq.num_computed_tokens
-            rel = c - seq.start
+            first = seq.start % bs  # a sequence below a node that ends mid-block starts mid-block too
+            rel = c - seq.start + first  # slot index of position c in the run of seq.blocks
             if n == 1:  # a decode: plain ints (most rows of a decode step; numpy per row costs more than it saves)
                 ids.append(seq.token_ids[c])
                 positions.append(c)
@@ -69,7 +70,7 @@ class ModelRunner:
                 positions.extend(range(c, c + n))
                 rel_pos = np.arange(rel, rel + n, dtype=np.int64)  # [n]
                 slots.extend((np.asarray(seq.blocks, dtype=np.int64)[rel_pos // bs] * bs + rel_pos % bs).tolist())
-            parts.append(AttnPart(all_rows[row:row + n], seq.blocks, seq.start, c + n - seq.start))
+            parts.append(AttnPart(all_rows[row:row + n], seq.blocks, seq.start, c + n - seq.start, first))
             for node in seq.ancestors():  # every shared node above, outermost first: its part takes these rows too
                 entry = shared.get(id(node))
                 if entry is None:
@@ -88,7 +89,7 @@ class ModelRunner:
         logits_rows += lp_rows
         for node, rows in shared.values():
             parts.append(AttnPart(np.asarray(rows, dtype=np.int64), node.blocks, node.start,
-                                  node.num_tokens - node.start))
+                                  node.num_tokens - node.start, node.start % bs))
         positions = np.asarray(positions, dtype=np.int64)  # [T]
         slots_np = np.asarray(slots, dtype=np.int64)  # [T]
         logits_np = np.asarray(logits_rows, dtype=np.int64)  # [B]
@@ -121,7 +122,7 @@ class ModelRunner:
             rows = renumber[p.q_rows]
             rows = rows[rows >= 0]
             if rows.shape[0]:
-                kept.append(AttnPart(rows, p.block_ids, p.kv_start, p.kv_len))
+                kept.append(AttnPart(rows, p.block_ids, p.kv_start, p.kv_len, p.first_slot))
         no_write = np.full(logits_rows.shape[0], -1, dtype=np.int64)  # the full step's metadata writes the K/V
         return AttentionMetadata.build(kept, positions[logits_rows], no_write, self.kv.block_size, self.device,
                                        sliding_window=window or None, dtype=self.model.dtype)

@@ -19,6 +19,12 @@ class Segment:
     blocks: list[int]
     start: int
     length: int
+    first_slot: int = 0  # a segment that starts mid-block leaves its first block's leading slots unused
+
+    def slot(self, j: int, bs: int) -> int:
+        """Cache slot of the segment's j-th key."""
+        i = self.first_slot + j
+        return self.blocks[i // bs] * bs + i % bs
 
 
 @dataclass
@@ -46,20 +52,24 @@ class Step:
         assert len(out) == n, "test ran out of blocks"
         return [int(b) for b in out]
 
+    def _segment(self, start: int, length: int) -> Segment:
+        """A segment laid out as the engine does: from `start`'s slot in its block (mid-block below a node that
+        ends mid-block)."""
+        first = start % self.block_size
+        return Segment(self._blocks(first + length), start, length, first)
+
     def node(self, name: str, length: int, parent: str | None = None) -> None:
-        """A shared prefix node of ``length`` tokens (a block multiple) under ``parent``."""
-        assert length % self.block_size == 0
+        """A shared prefix node of ``length`` tokens under ``parent`` (it may end mid-block)."""
         chain = ([*self.node_chain[parent], parent]) if parent else []
         start = sum(self.nodes[n].length for n in chain)
-        self.nodes[name] = Segment(self._blocks(length), start, length)
+        self.nodes[name] = self._segment(start, length)
         self.node_chain[name] = chain
 
     def seq(self, own_len: int, n_query: int, node: str | None = None) -> None:
         """A sequence under ``node`` whose own segment holds ``own_len`` keys, the last ``n_query`` new this step."""
         names = [*self.node_chain[node], node] if node else []
         start = sum(self.nodes[n].length for n in names)
-        own = Segment(self._blocks(own_len), start, own_len)
-        self.seqs.append(Seq([self.nodes[n] for n in names] + [own], names, n_query))
+        self.seqs.append(Seq([self.nodes[n] for n in names] + [self._segment(start, own_len)], names, n_query))
 
     def pack(self, shared: bool = True):
         """Packed rows: positions, slot mapping, parts (prefix-shared, or one whole-chain part per sequence)."""
@@ -69,19 +79,20 @@ class Step:
             first = len(positions)
             for j in range(own.length - s.n_query, own.length):
                 positions.append(own.start + j)
-                slots.append(own.blocks[j // self.block_size] * self.block_size + j % self.block_size)
+                slots.append(own.slot(j, self.block_size))
             rows_of.append(np.arange(first, len(positions), dtype=np.int64))
         parts = []
         if shared:
             for name, seg in self.nodes.items():
                 rows = [r for s, r in zip(self.seqs, rows_of) if name in s.nodes]
                 if rows:
-                    parts.append(AttnPart(np.concatenate(rows), seg.blocks, seg.start, seg.length))
+                    parts.append(AttnPart(np.concatenate(rows), seg.blocks, seg.start, seg.length, seg.first_slot))
             for s, r in zip(self.seqs, rows_of):
                 own = s.chain[-1]
-                parts.append(AttnPart(r, own.blocks, own.start, own.length))
+                parts.append(AttnPart(r, own.blocks, own.start, own.length, own.first_slot))
         else:
             # baseline layout: one segment per sequence over its whole block table (chain blocks concatenated)
+            assert all(seg.first_slot == 0 for s in self.seqs for seg in s.chain), "the baseline needs whole blocks"
             for s, r in zip(self.seqs, rows_of):
                 blocks = [b for seg in s.chain for b in seg.blocks]
                 parts.append(AttnPart(r, blocks, 0, s.chain[-1].start + s.chain[-1].length))
@@ -89,9 +100,7 @@ class Step:
 
     def chain_slots(self, s: Seq) -> np.ndarray:
         bs = self.block_size
-        return np.concatenate(
-            [np.array([seg.blocks[j // bs] * bs + j % bs for j in range(seg.length)]) for seg in s.chain]
-        )
+        return np.concatenate([np.array([seg.slot(j, bs) for j in range(seg.length)]) for seg in s.chain])
 
 
 def reference(step: Step, q, k, v, cache, positions, slots, rows_of, scale, window=None):

@@ -51,6 +51,31 @@ def test_nested_prefixes_two_levels():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+def mid_block_step(seed: int) -> Step:
+    """Nodes that end mid-block (a shared prefix to the token): a 21-token root, a 13-token child starting at slot 5
+    of its first block, sequences starting at slots 2 and 5; decodes, a prefill chunk, a sequence longer than a
+    block, and one ordinary request."""
+    step = Step(seed)
+    step.node("a", 21)
+    step.node("a1", 13, parent="a")  # positions 21 .. 33
+    for r in range(3):
+        step.seq(4 + 6 * r, 1, "a1")  # from position 34: slot 2 of its first block
+    step.seq(20, 7, "a")  # from position 21: slot 5; 7 new rows, causal in its segment
+    step.seq(9, 1, "a")
+    step.seq(30, 1)
+    return step
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (6, 2)])
+def test_nodes_that_end_mid_block(heads, kv_heads):
+    step = mid_block_step(16)
+    out, ref, meta = run_case(step, heads, kv_heads)
+    parts = step.pack()[0]
+    assert sorted(p.first_slot for p in parts) == [0, 0, 2, 2, 2, 5, 5, 5]
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert not meta.single_cover
+
+
 def test_mixed_prefill_chunk_and_many_decodes():
     step = Step(3, num_blocks=512)
     step.node("p", 80)
@@ -126,6 +151,7 @@ def _bf16_steps() -> dict[str, tuple[Step, int, int, int | None]]:
     few.seq(7, 2, "p")
     few.seq(20, 2)
     return {
+        "mid-block": (mid_block_step(16), 6, 2, None),
         "few-rows": (few, 8, 2, None),
         "few-rows-window-9": (few, 8, 2, 9),
         "odd-prefix": (odd, 8, 2, None),

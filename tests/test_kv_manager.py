@@ -21,6 +21,18 @@ def test_allocate_is_all_or_nothing_and_counts_from_the_sequence_start():
     kv.check_integrity([a])
 
 
+def test_a_sequence_that_starts_mid_block_holds_its_first_block_from_the_boundary():
+    kv = KVManager(6, 4)
+    a = seq(0, 20, start=10)  # below a node ending at 10: position 10 is slot 2 of its first block
+    assert kv.blocks_for(a, 10) == 0 and kv.blocks_for(a, 11) == 1 and kv.blocks_for(a, 12) == 1
+    assert kv.blocks_for(a, 13) == 2 and kv.blocks_for(a, 20) == 3
+    assert kv.allocate(a, 12) and a.blocks == [0]
+    assert kv.allocate(a, 17) and a.blocks == [0, 1, 2]
+    assert [a.slot_of(p, 4) for p in (10, 11, 12, 15, 16)] == [2, 3, 4, 7, 8]
+    assert kv.release_ahead(a, 13) and a.blocks == [0, 1]
+    kv.check_integrity([a])
+
+
 def test_free_returns_blocks_tail_first_only_when_caching():
     for caching, order in ((False, [0, 1, 2, 3]), (True, [3, 2, 1, 0])):
         kv = KVManager(4, 2, caching=caching)

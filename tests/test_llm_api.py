@@ -136,8 +136,8 @@ def test_n_samples_share_the_prompt_kv_and_differ(llm):
     assert [o.index for o in out.outputs] == [0, 1, 2, 3]
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1
     stats = llm.stats()
-    # the 31-token prompt's first 7 blocks (28 tokens) once, and each sample's own 3 tokens once
-    assert stats["computed_prompt_tokens"] == stats["plan"]["plan_tokens"] == 28 + 4 * 3
+    # the 31-token prompt's first 30 tokens once (7 blocks and 2 tokens), and each sample's last token once
+    assert stats["computed_prompt_tokens"] == stats["plan"]["plan_tokens"] == 30 + 4 * 1
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
@@ -180,20 +180,20 @@ def test_chat_uses_the_template(llm):
 
 
 def test_stats_account_exactly(llm):
-    shared = [1] + list(range(100, 140))  # 41 tokens: 10 full blocks of 4 shared
+    shared = [1] + list(range(100, 140))  # 41 tokens shared: 10 full blocks of 4 and 1 token
     prompts = [{"prompt_token_ids": shared + [200 + i, 300 + i]} for i in range(5)]
     llm.generate(prompts, greedy(n=3, ignore_eos=True), use_tqdm=False)
     s = llm.stats()
     assert s["prompt_tokens"] == 5 * 43
     assert s["output_tokens"] == 15
-    assert s["computed_prompt_tokens"] == 40 + 5 * 3  # the node (40 tokens) once, each own part (3 tokens) once
-    assert s["plan"]["plan_tokens"] == 40 + 5 * 3
+    assert s["computed_prompt_tokens"] == 41 + 5 * 2  # the node (41 tokens) once, each own part (2 tokens) once
+    assert s["plan"]["plan_tokens"] == 41 + 5 * 2
     assert s["preemptions"] == 0 and s["num_errors"] == 0
     assert sum(b["steps"] for b in s["trace"]) == s.steps  # the trace bins cover every step ...
-    assert sum(b["prefill_tokens"] for b in s["trace"]) == 40 + 5 * 3  # ... and every computed prompt token
+    assert sum(b["prefill_tokens"] for b in s["trace"]) == 41 + 5 * 2  # ... and every computed prompt token
     assert sum(b["decode_tokens"] for b in s["trace"]) == 5 * 2  # each leaf feeds back its first 2 of 3 tokens
     assert s.computed_prompt_tokens == s["computed_prompt_tokens"] and s.prompt_tokens == 5 * 43  # attribute reads
     with pytest.raises(AttributeError):
         getattr(s, "no_such_figure")  # noqa: B009
     outs = llm.generate(prompts, greedy(n=3, ignore_eos=True), use_tqdm=False)
-    assert [o.num_cached_tokens for o in outs] == [40] * 5
+    assert [o.num_cached_tokens for o in outs] == [41] * 5

@@ -7,9 +7,8 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchllm.batch import build_sequences
+from batchllm.batch import build_sequences, plan_for_cache
 from batchllm.config import EngineConfig
-from batchllm.prefix.plan import plan_batch
 from batchllm.request import Status
 from batchllm.scheduler import Scheduler
 
@@ -38,7 +37,7 @@ def forests(draw):
 
 
 def execute(prompts, max_tokens, policy, mode, blocks, bs, budget):
-    plan = plan_batch(prompts, bs, mode=mode)
+    plan = plan_for_cache(prompts, [len(p) + m for p, m in zip(prompts, max_tokens)], bs, mode, blocks)
     n = len(prompts)
     seqs = build_sequences(plan, prompts, max_tokens, list(range(n)), [0] * n, policy)
     cfg = EngineConfig(block_size=bs, max_num_batched_tokens=budget, kv_cache_blocks=blocks, policy=policy)
@@ -82,7 +81,8 @@ def test_roomy_kv_runs_the_plan_exactly(forest, mode, bs, budget):
     assert [leaf.num_output_tokens for leaf in seqs.leaves] == max_tokens
     assert prompt_tokens == plan.stats.plan_tokens  # accounting exact: each node once, each own part once
     assert node_tokens == plan.stats.shared_tokens
-    assert peak <= sum((n.end - n.start) // bs for n in plan.nodes)  # never more prefix blocks than planned
+    # never more prefix blocks than planned (a node that starts mid-block spans its first block from the boundary)
+    assert peak <= sum(-(-(n.end - n.start // bs * bs) // bs) for n in plan.nodes)
     assert sched.num_preemptions == 0
     assert sched.kv.num_free == 4000 and all(sched.kv.ref_count(b) == 0 for b in range(4000))
 
@@ -100,3 +100,17 @@ def test_tight_kv_finishes_everything_and_frees_every_block(forest, policy, spar
     assert [leaf.num_output_tokens for leaf in seqs.leaves] == max_tokens
     assert sched.kv.num_free == blocks and all(sched.kv.ref_count(b) == 0 for b in range(blocks))
     assert all(n.status is Status.FINISHED and n.blocks == [] for n in seqs.nodes)
+
+
+def test_plan_for_cache_ends_nodes_at_blocks_when_a_chain_would_outgrow_the_cache():
+    """Two prompts share 10 tokens; with blocks of 4 the node ends at 10 (mid-block), and a request's chain holds
+    3 node blocks + 1 own = 4 blocks, where the request alone (12 tokens with its output) needs 3. A 4-block cache
+    keeps the token ends; a 3-block cache gets block ends, and then runs both requests."""
+    prompts = [list(range(1, 11)) + [50], list(range(1, 11)) + [60]]
+    totals = [12, 12]
+    roomy = plan_for_cache(prompts, totals, 4, "nested", 4)
+    assert [(n.start, n.end) for n in roomy.nodes] == [(0, 10)] and roomy.max_chain_blocks(totals) == 4
+    tight = plan_for_cache(prompts, totals, 4, "nested", 3)
+    assert [(n.start, n.end) for n in tight.nodes] == [(0, 8)] and tight.max_chain_blocks(totals) == 3
+    _, seqs, sched, finished, *_ = execute(prompts, [1, 1], "batchllm", "nested", 3, 4, 64)
+    assert finished == [0, 1] and sched.num_preemptions == 0

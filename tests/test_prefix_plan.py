@@ -27,19 +27,43 @@ def radix_reference(prompts: list[list[int]]) -> int:
 
 
 def nested_reference(prompts: list[list[int]], bsz: int) -> int:
-    """Block-aligned optimum: each block chain shared by >= 2 requests keeping >= 1 own token once, the rest own."""
+    """Nested plan tokens by brute force. Block chains shared by >= 2 requests keeping >= 1 own token after them;
+    a chain ends where the next block's chain has fewer sharers; each end moves on by the tokens all its sharers
+    share after it (< bsz, each keeping >= 1 own token). Every node once, plus each request's own tokens."""
     sharers: dict[tuple, int] = {}
     for p in prompts:
         for d in range((len(p) - 1) // bsz):
             key = tuple(p[: (d + 1) * bsz])
             sharers[key] = sharers.get(key, 0) + 1
-    shared = {k for k, c in sharers.items() if c >= 2}
-    total = len(shared) * bsz
+    shared = {k: c for k, c in sharers.items() if c >= 2}
+
+    def is_end(key: tuple) -> bool:
+        return not any(len(k) == len(key) + bsz and k[: len(key)] == key and c == shared[key]
+                       for k, c in shared.items())
+
+    ends = [k for k in shared if is_end(k)]
+    reach = {}  # end key -> absolute end after the extension
+    for key in ends:
+        members = [p for p in prompts if tuple(p[: len(key)]) == key and len(p) > len(key)]
+        ext = bsz - 1
+        for m in members:
+            lcp = 0
+            while (lcp < len(m) - len(key) - 1 and len(key) + lcp < len(members[0])
+                   and m[len(key) + lcp] == members[0][len(key) + lcp]):
+                lcp += 1
+            ext = min(ext, lcp)
+        reach[key] = len(key) + ext
+
+    def chain(p: list[int]) -> list[tuple]:  # the end keys above p (p keeps >= 1 own token after each), shortest first
+        return sorted((k for k in ends if len(p) > len(k) and tuple(p[: len(k)]) == k), key=len)
+
+    total = 0
+    for key in ends:
+        above = [k for k in ends if len(k) < len(key) and key[: len(k)] == k]
+        total += reach[key] - (reach[max(above, key=len)] if above else 0)
     for p in prompts:
-        depth = 0
-        while depth < (len(p) - 1) // bsz and tuple(p[: (depth + 1) * bsz]) in shared:
-            depth += 1
-        total += len(p) - depth * bsz
+        c = chain(p)
+        total += len(p) - (reach[c[-1]] if c else 0)
     return total
 
 
@@ -60,14 +84,16 @@ def check_plan(prompts: list[list[int]], plan, bsz: int) -> None:
         assert node.node_id == k
         assert node.parent < k
         assert node.start == (plan.nodes[node.parent].end if node.parent >= 0 else 0)
-        assert node.end % bsz == 0 and node.end - node.start >= bsz
+        assert node.end // bsz * bsz > node.start  # it reaches a block boundary: its block-aligned range was >= 1 block
         members = members_of(plan, k)
         assert node.num_requests == len(members) >= 2
-        assert (node.num_requests - 1) * (node.end - node.start) >= bsz
         assert node.request in members
         ref = prompts[node.request][node.start : node.end]
         for r in members:
             assert list(prompts[r][node.start : node.end]) == list(ref)
+        if plan.stats.mode == "nested":  # its end went as far into the next block as its requests all share
+            capped = node.end % bsz == bsz - 1 or any(len(prompts[r]) == node.end + 1 for r in members)
+            assert capped or len({prompts[r][node.end] for r in members}) > 1
         node_len += node.end - node.start
     own = 0
     for i, p in enumerate(prompts):
@@ -179,16 +205,17 @@ def seq(start: int, n: int) -> list[int]:
 def test_duplicates_share_up_to_one_token_before_the_end():
     p = seq(100, 10)
     plan = plan_batch([p, p, p], 4)
-    assert [(n.start, n.end, n.num_requests) for n in plan.nodes] == [(0, 8, 3)]
+    # blocks [0, 8) are shared; the node goes on into block [8, 12) up to the last token each keeps: 9
+    assert [(n.start, n.end, n.num_requests) for n in plan.nodes] == [(0, 9, 3)]
     assert plan.leaf_parent == (0, 0, 0) and plan.groups == ((0, 1, 2),)
-    assert plan.stats.plan_tokens == 8 + 3 * 2 and plan.stats.radix_tokens == 10
+    assert plan.stats.plan_tokens == 9 + 3 * 1 and plan.stats.radix_tokens == 10
 
 
 def test_prompt_that_is_another_prompts_prefix_keeps_its_last_token():
     short, long = seq(1, 8), seq(1, 8) + seq(50, 5)
     plan = plan_batch([long, short], 4)
-    assert [(n.start, n.end, n.num_requests) for n in plan.nodes] == [(0, 4, 2)]
-    assert plan.own_start(1) == 4 and plan.stats.plan_tokens == 4 + 9 + 4
+    assert [(n.start, n.end, n.num_requests) for n in plan.nodes] == [(0, 7, 2)]  # block [0, 4) and 3 tokens
+    assert plan.own_start(1) == 7 and plan.stats.plan_tokens == 7 + 6 + 1
     one_token = plan_batch([[5], [5], [5, 6]], 1)
     assert one_token.nodes == () and one_token.groups == ((0,), (1,), (2,))
     assert one_token.stats.plan_tokens == 4 and one_token.stats.radix_tokens == 2
@@ -240,8 +267,9 @@ def test_none_mode_and_stats_dict():
 def test_two_dimensional_array_input_and_large_token_ids():
     rows = np.array([seq(0, 12), seq(0, 12), seq(0, 6) + seq(600, 6)], dtype=np.int64) + 2**40
     plan = plan_batch(rows, 4)
-    assert [(n.start, n.end, n.num_requests) for n in plan.nodes] == [(0, 4, 3), (4, 8, 2)]
-    assert plan.stats.plan_tokens == 4 + 4 + 4 + 4 + 8
+    # the third row shares 2 tokens of block [4, 8) too; the twins go on to their last token but one
+    assert [(n.start, n.end, n.num_requests) for n in plan.nodes] == [(0, 6, 3), (6, 11, 2)]
+    assert plan.stats.plan_tokens == 6 + 5 + 1 + 1 + 6
 
 
 def test_analyze_batch_figures():

@@ -74,10 +74,11 @@ def test_scoring_only_sends_the_scored_positions_to_the_lm_head(tiny_llama):
     for prompt, out, f in zip(prompts, outs, first):
         check_prompt_logprobs(tiny_llama, [prompt], [out], 0, first=f)
     rows.clear()
-    shared = [prompts[0][:21] + [5, 6], prompts[0][:21] + [7, 8]]  # the 20-token node holds both rows 19 and 20
+    shared = [prompts[0][:21] + [5, 6], prompts[0][:21] + [7, 8]]  # the 21-token node holds rows 19 and 20
     llm.generate([{"prompt_token_ids": p} for p in shared], SamplingParams(max_tokens=0, prompt_logprobs=0,
                                                                           prompt_logprobs_from=20), use_tqdm=False)
-    assert sum(rows) == 1 + 2 * 2  # row 19 (token 20, shared) once, then each request's rows 20 and 21
+    assert llm.stats().plan["plan_tokens"] == 21 + 2 * 2
+    assert sum(rows) == 2 + 2 * 1  # rows 19 and 20 (tokens 20 and 5 / 7) once for both, then each request's row 21
 
 
 def test_loglikelihood_equals_hf_and_shares_the_context(tiny_llama):

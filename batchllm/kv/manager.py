@@ -1,8 +1,10 @@
 """KVManager: the one owner of KV blocks. The scheduler and the admission policies ask it for blocks; nothing else
 touches the pool's reference counts or a sequence's block list. Pure Python, no torch.
 
-A sequence's own blocks live in `seq.blocks` (block i holds positions seq.start + i * block_size ...): the runner
-reads them to build block tables, only this class writes them.
+A sequence's own blocks live in `seq.blocks`: block i holds positions base + i * block_size ... where base is
+seq.start rounded down to a block boundary (a sequence that starts mid-block, below a shared node ending there,
+leaves its first block's leading slots unused). The runner reads them to map positions to slots; only this class
+writes them.
 
     allocate(seq, upto)        give seq the blocks to hold positions < upto (all or nothing)
     free(seq)                  return seq's blocks (its KV stays valid while cached, for the caching baselines)
@@ -42,7 +44,9 @@ class KVManager:
 
     def blocks_for(self, seq: Sequence, upto: int) -> int:
         """Own blocks `seq` needs to hold its positions below `upto`."""
-        return -(-(upto - seq.start) // self.block_size)
+        if upto <= seq.start:
+            return 0
+        return -(-(upto - seq.start + seq.start % self.block_size) // self.block_size)
 
     def missing(self, seq: Sequence, upto: int) -> int:
         """Blocks `seq` still lacks to hold its positions below `upto` (0 when it has them)."""

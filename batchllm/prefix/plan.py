@@ -1,20 +1,22 @@
 """Prefix plans: which prompt tokens the engine computes once for several requests, and how requests are grouped.
 
-Three modes, all cut from the same block-aligned prefix tree (`tree.build_prefix_tree`):
+Three modes, all cut from the same prefix tree (`tree.build_prefix_tree`: built over blocks, then each node's end
+extended to the token, up to block_size - 1 tokens past a block boundary):
 
-- "nested": every node of the compressed block tree is kept. A node has k >= 2 requests and is at least one block
-  long, so it always saves (k - 1) * len >= block_size tokens. Plan tokens equal the block-aligned optimum: each
-  distinct shareable block chain once, plus each request's own tokens (always >= 1, the engine needs the last
-  prompt token's logits).
-- "one-level": the BatchLLM paper's flattening, run on the same block-aligned tree: bottom-up, a candidate group g
-  below node c is hoisted (c's tokens copied in front of g, g becomes a group of its own) when
+- "nested": every node of the compressed tree is kept. A node has k >= 2 requests and >= 1 token (its block-aligned
+  range was >= 1 block), so it always saves (k - 1) * len tokens. Plan tokens: each shared block chain once, with
+  the tokens its requests also share in the block after it, plus each request's own tokens (always >= 1, the
+  engine needs the last prompt token's logits).
+- "one-level": the BatchLLM paper's flattening, run on the same tree: bottom-up, a candidate group g below node c
+  is hoisted (c's tokens copied in front of g, g becomes a group of its own) when
   `(leaves(g) - 1) * len(g) - len(c) > 0`, otherwise dissolved into c (its tokens go into its requests' own parts);
   a node left with fewer than two requests dissolves into its parent. Surviving top-level candidates are the groups,
-  each with one shared prefix [0, end). Lengths are block-aligned already, so "cut to a block boundary" is implicit.
+  each with one shared prefix [0, end).
 - "none": no sharing; every request is a group of its own.
 
-Nested never computes more tokens than any valid one-level plan: every distinct shared block chain it computes once
-is computed at least once there too, and its own parts are the shortest any plan may use.
+Nested never computes more tokens than any one-level plan cut from the same tree: every shared chain it computes
+once is computed at least once there too, and its own parts are the shortest any such plan may use. Ends need not
+be block-aligned: the engine starts a sequence mid-block (see `batchllm.request`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class PlanNode:
     node_id: int  # index into PrefixPlan.nodes
     parent: int  # node_id of the enclosing shared node, -1 at the top
     start: int  # absolute position where this node's own tokens begin (== parent's end; 0 at the top)
-    end: int  # exclusive absolute end, a multiple of block_size; end - start >= block_size
+    end: int  # exclusive absolute end: a block boundary plus 0 .. block_size - 1 tokens; end > start
     request: int  # a request under this node whose prompt carries the tokens
     num_requests: int  # requests below this node
 
@@ -88,6 +90,22 @@ class PrefixPlan:
         """Position where the request's own tokens begin (end of its leaf parent, 0 if standalone)."""
         lp = self.leaf_parent[request]
         return 0 if lp < 0 else self.nodes[lp].end
+
+    def max_chain_blocks(self, totals: Sequence[int]) -> int:
+        """The most KV blocks one request's chain holds at its end: its nodes' blocks and its own, where request j
+        ends at `totals[j]` tokens (prompt and output). A sequence that starts mid-block holds its first block
+        whole, so under nodes that end mid-block a chain may take one block per level more than the request alone
+        (block-aligned ends take exactly the request's own count)."""
+        bs = self.block_size
+
+        def blocks(start: int, end: int) -> int:
+            return -(-(end - start // bs * bs) // bs)
+
+        chain = [0] * len(self.nodes)  # blocks of each node and the nodes above it (parents come first)
+        for k, node in enumerate(self.nodes):
+            chain[k] = blocks(node.start, node.end) + (chain[node.parent] if node.parent >= 0 else 0)
+        return max((blocks(self.own_start(j), int(t)) + (chain[lp] if lp >= 0 else 0)
+                    for j, (t, lp) in enumerate(zip(totals, self.leaf_parent))), default=0)
 
     def chain(self, request: int) -> tuple[int, ...]:
         """Node ids from the top-level node down to the request's leaf parent (empty if standalone)."""
@@ -289,16 +307,18 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def plan_batch(prompts: Sequence[Sequence[int]] | np.ndarray, block_size: int, mode: str = "nested") -> PrefixPlan:
+def plan_batch(prompts: Sequence[Sequence[int]] | np.ndarray, block_size: int, mode: str = "nested",
+               token_ends: bool = True) -> PrefixPlan:
     """Plan prefix sharing for a batch of token-id prompts (each of length >= 1); changes nothing.
 
     prompts: lists of ints, 1-D integer arrays, or a 2-D array of equal-length rows (fastest at scale).
     mode: "nested" (multi-level), "one-level" (the paper's flattening), "none" (no sharing).
+    token_ends: False ends every node at a block boundary (see `PrefixPlan.max_chain_blocks`).
     """
     _check_mode(mode)
     t0 = time.perf_counter()
     source = prompts if isinstance(prompts, TokenSource) else as_token_source(prompts)
-    tree = build_prefix_tree(source, block_size)
+    tree = build_prefix_tree(source, block_size, token_ends)
     return _assemble(tree, _LAYOUTS[mode](tree), mode, t0)
 
 
