@@ -7,6 +7,7 @@ import pytest
 from hf_reference import hf_greedy
 
 from batchllm import LLM, SamplingParams
+from batchllm.prefix import plan_batch
 
 MAX_NEW = 10
 
@@ -67,6 +68,8 @@ def test_every_policy_matches_hf(tiny_llama, workload, llama_reference, policy, 
         assert stats["computed_prompt_tokens"] == logical
     if policy == "batchllm":
         assert stats["computed_prompt_tokens"] == stats["plan"]["plan_tokens"] < logical
+        ends = [n.end for n in plan_batch(workload, 4).nodes]
+        assert sum(e % 4 != 0 for e in ends) >= 3  # nodes that end mid-block: sequences below start mid-block
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_mistral", "tiny_llama_mqa", "tiny_llama3_rope"])
