@@ -1,4 +1,5 @@
-"""Global prefix planning over a whole batch: block-aligned prefix tree, nested / one-level / no-sharing plans."""
+"""Global prefix planning over a whole batch: a prefix tree built over blocks, its ends extended to the token;
+nested / one-level / no-sharing plans."""
 
 from batchllm.prefix.plan import MODES, PlanNode, PlanStats, PrefixPlan, analyze_batch, plan_batch
 
