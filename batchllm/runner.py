@@ -60,14 +60,14 @@ class ModelRunner:
         for seq, n in zip(plan.seqs, plan.num_new):
             c = seq.num_computed_tokens
             first = seq.start % bs  # a sequence below a node that ends mid-block starts mid-block too
-            rel = c - seq.start + first  # slot index of position c in the run of seq.blocks
             if n == 1:  # a decode: plain ints (most rows of a decode step; numpy per row costs more than it saves)
                 ids.append(seq.token_ids[c])
                 positions.append(c)
-                slots.append(seq.blocks[rel // bs] * bs + rel % bs)
+                slots.append(seq.slot_of(c, bs))
             else:
                 ids.extend(seq.token_ids[c:c + n])
                 positions.extend(range(c, c + n))
+                rel = c - seq.start + first  # index of position c in the run of seq.blocks' slots
                 rel_pos = np.arange(rel, rel + n, dtype=np.int64)  # [n]
                 slots.extend((np.asarray(seq.blocks, dtype=np.int64)[rel_pos // bs] * bs + rel_pos % bs).tolist())
             parts.append(AttnPart(all_rows[row:row + n], seq.blocks, seq.start, c + n - seq.start, first))
