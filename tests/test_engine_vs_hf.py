@@ -101,6 +101,17 @@ def test_tight_kv_budget_matches_hf(tiny_llama, workload, llama_reference, polic
         assert stats["preemptions"] > 0  # streaming admission overcommits under this budget
 
 
+def test_a_cache_that_holds_only_the_longest_request_gets_block_ends(tiny_llama, workload, llama_reference):
+    """16 blocks hold the longest request alone (16 blocks) but not its chain under nodes that end mid-block (17):
+    the plan ends its nodes at blocks, and the batch still runs to HF's answers."""
+    totals = [len(p) + MAX_NEW for p in workload]
+    assert max(-(-t // 4) for t in totals) == 16 < plan_batch(workload, 4).max_chain_blocks(totals)
+    outs, stats = run(tiny_llama, workload, kv_cache_memory_bytes=16 * 2048, max_num_batched_tokens=16)
+    assert outs == llama_reference
+    assert stats["plan"]["plan_tokens"] == plan_batch(workload, 4, token_ends=False).stats.plan_tokens
+    assert stats["peak_kv_blocks"] <= 16
+
+
 def test_batchllm_recovers_from_a_too_low_decode_estimate(tiny_llama):
     """The history estimator learns from 16 requests that stop after one token, then long requests arrive: it
     overcommits the KV and must preempt, yet every answer stays exact."""
