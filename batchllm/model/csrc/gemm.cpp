@@ -46,8 +46,9 @@ namespace {
 using bf16 = at::BFloat16;
 constexpr int64_t COLS = 64;                      // output columns per panel
 constexpr int NV = COLS / 16;                     // zmm registers per step of a panel
-// rows per tile; AVX2: 5 x 2 accumulators + 4 weight + 2 x registers fill the 16 ymm (6 rows spilled: 62-65% of the
-// FMA peak against 76-89% across runs, benchmarks/kernel_efficiency.py on Zen 5)
+// rows per tile; AVX2: 5 x 2 accumulators, 2 weight vectors (one half of the pairs at a time), a broadcast x and the
+// odd-half mask fit the 16 ymm. 6 rows spilled: 62-65% of the FMA peak against 76-89% across runs with both halves
+// live, and 0.8x of 5 rows with one half at a time (kernel_efficiency.py, kernel_ab.py --gemm, Zen 5)
 constexpr int MR = vec::Best::N == 8 ? 5 : 6;
 constexpr int64_t ROW_BLOCK_BYTES = 512 * 1024;   // x rows of one row block, kept in L2
 
@@ -128,16 +129,22 @@ constexpr int GN = V::N;  // columns of one column group (one vector)
 constexpr int64_t GROUPS = COLS / GN;  // column groups per panel
 constexpr int CG = V::N == 16 ? 4 : 2;  // column groups per tile: MR x CG accumulators (24 zmm, 10 ymm)
 
-// The bf16 pairs of a column group at step j, split into the even-k and odd-k weights as fp32.
-inline void split_pairs(const bf16* w, V& even, V& odd) {
+// The bf16 pairs of a column group at step j: the even-k weights as fp32 (the low halves), and the odd-k ones.
+inline V even_half(const bf16* w) {
 #if defined(BATCHLLM_HAS_V16)
-  const __m512i raw = _mm512_loadu_si512(w);
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(w), 16));
 #else
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
-  odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), 16));
+#endif
+}
+
+inline V odd_half(const bf16* w) {
+#if defined(BATCHLLM_HAS_V16)
+  return _mm512_castsi512_ps(
+      _mm512_and_si512(_mm512_loadu_si512(w), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+#else
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)),
+                                              _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 #endif
 }
 
@@ -161,12 +168,21 @@ void f32tile(const float* x, int64_t ldx, const bf16* panel, int64_t steps, cons
       _mm_prefetch(pf, _MM_HINT_T1);
       pf += 64;
     }
-    V even[CG], odd[CG];
-    for (int g = 0; g < CG; ++g) split_pairs(wj + group[g] * 2 * GN, even[g], odd[g]);
+    // Even k for every row, then odd k: each accumulator gets the same FMAs in the same order as one row at a
+    // time would give, but only CG weight vectors are live at once (with both halves, the AVX2 tile needed 17
+    // registers and spilled). The odd half reads the pairs again (an L1 hit).
+    V w[CG];
+    for (int g = 0; g < CG; ++g) w[g] = even_half(wj + group[g] * 2 * GN);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      const V xe = V::set1(x[i * ldx + 2 * j]), xo = V::set1(x[i * ldx + 2 * j + 1]);
-      for (int g = 0; g < CG; ++g) acc[i][g] = V::fma(xo, odd[g], V::fma(xe, even[g], acc[i][g]));
+      const V xe = V::set1(x[i * ldx + 2 * j]);
+      for (int g = 0; g < CG; ++g) acc[i][g] = V::fma(xe, w[g], acc[i][g]);
+    }
+    for (int g = 0; g < CG; ++g) w[g] = odd_half(wj + group[g] * 2 * GN);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const V xo = V::set1(x[i * ldx + 2 * j + 1]);
+      for (int g = 0; g < CG; ++g) acc[i][g] = V::fma(xo, w[g], acc[i][g]);
     }
   }
   if (bias != nullptr)  // padded to whole panels
