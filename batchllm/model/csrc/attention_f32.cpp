@@ -188,7 +188,7 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
     B.l[r] = 0.f;
   }
   std::fill(B.acc.begin(), B.acc.begin() + RP * D, 0.f);
-  const int64_t row_len = a.KVH * D, v_offset = a.S * row_len;
+  const int64_t row_len = a.KVH * D, v_offset = a.S * row_len, row_bytes = D * static_cast<int64_t>(sizeof(T));
   const int64_t j_begin = std::max<int64_t>(0, min_lo - first) / KB * KB;
   const int64_t j_end = std::min<int64_t>(nk, max_qp - first + 1);
   for (int64_t j0 = j_begin; j0 < j_end; j0 += KB) {
@@ -203,9 +203,25 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
       }
     }
     std::fill(B.kb.begin() + nb * D, B.kb.begin() + (nb + NK) * D, 0.f);
+    // while this block's scores are computed, the next block's K and V rows are fetched, a few keys per register
+    // block (the cache is read from memory in a forward pass: the other layers evict it)
+    const int64_t next0 = j0 + KB, next_nb = std::max<int64_t>(0, std::min<int64_t>(KB, j_end - next0));
+    const int64_t n_blocks = (tiles + NT - 1) / NT * ((nb + NK - 1) / NK);
+    int64_t issued = 0, block_i = 0;
     for (int64_t t0 = 0; t0 < tiles; t0 += NT)
-      for (int64_t b0 = 0; b0 < nb; b0 += NK)
+      for (int64_t b0 = 0; b0 < nb; b0 += NK) {
+        const int64_t upto = next_nb * ++block_i / n_blocks;
+        for (; issued < upto; ++issued) {
+          const int64_t slot = a.kv_slots[k0 + next0 + issued];
+          const char* krow = reinterpret_cast<const char*>(a.kv + slot * row_len + h * D);
+          const char* vrow = reinterpret_cast<const char*>(a.kv + v_offset + slot * row_len + h * D);
+          for (int64_t line = 0; line < row_bytes; line += 64) {
+            _mm_prefetch(krow + line, _MM_HINT_T0);
+            _mm_prefetch(vrow + line, _MM_HINT_T0);
+          }
+        }
         by_tiles(tiles - t0, [&](auto nt) { score_block<decltype(nt)::value>(B, t0, b0, D, RP); });
+      }
     // visibility, then the online softmax, lane-wise per tile
     const float kpos0 = static_cast<float>(first + j0);
     for (int64_t tile = 0; tile < tiles; ++tile) {
