@@ -193,13 +193,15 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
   const int64_t j_end = std::min<int64_t>(nk, max_qp - first + 1);
   for (int64_t j0 = j_begin; j0 < j_end; j0 += KB) {
     const int64_t nb = std::min<int64_t>(KB, j_end - j0);
-    for (int64_t b = 0; b < nb; ++b) {  // the block's K and V rows in fp32
-      const int64_t slot = a.kv_slots[k0 + j0 + b];
-      const T* krow = a.kv + slot * row_len + h * D;
-      const T* vrow = a.kv + v_offset + slot * row_len + h * D;
+    float* const kb = B.kb.data();  // local: the stores below may alias the vectors' own pointers
+    float* const vb = B.vb.data();
+    const int64_t* const slots = a.kv_slots + k0 + j0;
+    for (int64_t b = 0; b < nb; ++b) {  // the block's K and V rows in fp32 (D is a multiple of N)
+      const T* krow = a.kv + slots[b] * row_len + h * D;
+      const T* vrow = krow + v_offset;
       for (int64_t d = 0; d < D; d += N) {
-        load_row(krow + d, D - d).store(B.kb.data() + b * D + d, D - d);
-        load_row(vrow + d, D - d).store(B.vb.data() + b * D + d, D - d);
+        load_row(krow + d, N).store(kb + b * D + d);
+        load_row(vrow + d, N).store(vb + b * D + d);
       }
     }
     std::fill(B.kb.begin() + nb * D, B.kb.begin() + (nb + NK) * D, 0.f);
