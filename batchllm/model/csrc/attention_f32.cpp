@@ -32,7 +32,7 @@ namespace f32k {
 using V = vec::Best;
 constexpr int64_t N = V::N;
 constexpr int64_t KB = 64;          // keys per block
-constexpr int64_t TASK_ROWS = 128;  // rows per task (bounds the per-thread buffers to L2)
+constexpr int64_t TASK_ROWS = 144;  // rows per task, whole register blocks at 8 and 16 lanes (buffers fit L2)
 constexpr int64_t SKB = 16;         // keys per block of run_small
 // register blocks: NT x NK score accumulators + NT query vectors + 1 broadcast key fit the registers (16 with AVX2,
 // 32 with AVX-512), as do NT x ND accumulators of P V
