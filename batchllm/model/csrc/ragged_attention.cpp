@@ -823,9 +823,11 @@ std::vector<at::Tensor> ragged_attention(at::Tensor q, at::Tensor kv, at::Tensor
   } else {
     TORCH_CHECK(q.scalar_type() == at::ScalarType::Float, "ragged_attention takes bf16 or fp32");
     // Decodes (parts of at most F32_SMALL_ROWS rows per KV head) run in attention_f32.cpp's decode kernel, 1.8-3.4x
-    // faster than the portable loop (Zen 5, 2 threads, avx2 and avx512bf16 builds; benchmarks/kernel_ab.py --fp32). Parts of more rows stay in the portable loop: the register-blocked kernel took the worst
-    // prompt logprob against HF's from 7.6e-6 to 1.4e-5 (tests/test_scoring.py, chunks of 5 tokens), past the 1e-5
-    // that fp32 promises; the decode kernel keeps it at 7.6e-6 (avx512bf16) and 7.9e-6 (avx2, was 9.3e-6).
+    // faster than the portable loop (Zen 5, 2 threads, avx2 and avx512bf16 builds; benchmarks/kernel_ab.py --fp32).
+    // Parts of more rows stay in the portable loop (2.6-4.5x slower than run_task over a bf16 cache, avx2): the
+    // register-blocked kernel took the worst prompt logprob against HF's from 7.6e-6 to 1.4e-5
+    // (tests/test_scoring.py, chunks of 5 tokens), past the 1e-5 that fp32 promises; the decode kernel keeps it at
+    // 7.6e-6 (avx512bf16) and 7.9e-6 (avx2, was 9.3e-6).
     int64_t done_rows = 0;
 #if defined(BATCHLLM_HAS_VEC)
     if (f32_attention<float>(q.data_ptr<float>(), kv.data_ptr<float>(), ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4],
