@@ -7,10 +7,10 @@
 // sit in the lanes of a vector (N = 8 with AVX2, 16 with AVX-512), so the online softmax is lane-wise, and both
 // products are register-blocked FMAs with one operand broadcast from a key block converted to fp32 once per task:
 //
-//   qt    [tiles][D][N]      queries, scaled by scale * log2 e, transposed: one vector per (tile, dim)
+//   qt    [tiles][D][N]      queries, scaled (see NATURAL), transposed: one vector per (tile, dim)
 //   kb    [KB][D], vb        the key block's K and V rows in fp32 (zero rows past the block's end)
-//   st    [KB][tiles * N]    scores of the block (base 2), -1e30 where not visible, then probabilities
-//   acc   [tiles][D][N]      output accumulators, rescaled by 2^(m_old - m_new) per block
+//   st    [KB][tiles * N]    scores of the block, -1e30 where not visible, then probabilities
+//   acc   [tiles][D][N]      output accumulators, rescaled by base^(m_old - m_new) per block
 //
 //   scores:  acc[tile u][key k] += qt[u][d] * broadcast(kb[k][d])          NT tiles x NK keys in registers
 //   P V:     acc[u][d]         += st[k][u]  * broadcast(vb[k][d])          NT tiles x ND dims in registers
@@ -41,10 +41,41 @@ constexpr int NK = N == 16 ? 8 : 4;  // keys per register block of the scores
 constexpr int ND = N == 16 ? 8 : 4;  // dims per register block of P V
 constexpr float NEG = -1e30f;
 constexpr float LOG2E = 1.44269504f, LN2 = 0.69314718f;
-// degree of exp2's polynomial: 5 (relative error ~3e-6) is ample over a bf16 cache, whose values carry ~4e-3;
-// an fp32 cache gets 6 (~1e-7), as exact as expf
+// e^x to about an ulp: n = round(x log2 e), r = x - n ln 2 in two parts (|r| <= ln 2 / 2), e^r by its Taylor
+// polynomial of degree 7 (truncation ~5e-9). Results below fp32's normal range (x < -87) come out 0 or subnormal.
+inline V exp_nat(V x) {
+  x = V::max(x, V::set1(-104.f));
+  const V n = (x * V::set1(LOG2E)).round();
+  V r = V::fma(n, V::set1(-0.693145751953125f), x);  // ln 2's high part: exact times any n in range
+  r = V::fma(n, V::set1(-1.428606765330187e-6f), r);
+  V p = V::set1(1.f / 5040);
+  p = V::fma(p, r, V::set1(1.f / 720));
+  p = V::fma(p, r, V::set1(1.f / 120));
+  p = V::fma(p, r, V::set1(1.f / 24));
+  p = V::fma(p, r, V::set1(1.f / 6));
+  p = V::fma(p, r, V::set1(0.5f));
+  p = V::fma(p, r, V::set1(1.f));
+  p = V::fma(p, r, V::set1(1.f));
+  return p.times_2n(n);
+}
+
+// The softmax's base. Over an fp32 cache (the exact dtype) it is e, as in HF's softmax: the queries are scaled by
+// `scale`, and exp_nat keeps prompt logprobs within 1e-5 of HF's (tests/test_scoring.py: 5.0e-6 to 6.9e-6); the
+// base-2 form, as over bf16, took them to 1.1e-5 to 1.4e-5. Over a bf16 cache it is 2: the queries are scaled by
+// scale * log2 e once, and a degree-5 2^x (relative error ~3e-6) is ample where the values carry ~4e-3.
 template <typename T>
-constexpr int EXP_DEGREE = std::is_same_v<T, float> ? 6 : 5;
+constexpr bool NATURAL = std::is_same_v<T, float>;
+template <typename T>
+inline V softmax_exp(V x) {
+  if constexpr (NATURAL<T>) return exp_nat(x);
+  else return vec::exp2<V, 5>(x);
+}
+
+// The log-sum-exp of a row in natural log, from its running maximum m and sum l (in the softmax's base).
+template <typename T>
+inline float row_lse(float m, float l) {
+  return NATURAL<T> ? m + std::log(l) : (m + std::log2(l)) * LN2;
+}
 
 inline V load_row(const at::BFloat16* p, int64_t n) { return V::load_bf16(p, n); }
 inline V load_row(const float* p, int64_t n) { return V::load(p, n); }
@@ -166,7 +197,7 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
   // queries, transposed into lanes; positions and the lowest visible key position of each row (padding rows see
   // nothing: position -1)
   int64_t max_qp = -1, min_lo = std::numeric_limits<int64_t>::max();
-  const float qscale = a.scale * LOG2E;
+  const float qscale = NATURAL<T> ? a.scale : a.scale * LOG2E;
   for (int64_t r = 0; r < RP; ++r) {
     const int64_t tile = r / N, lane = r % N;
     float* dst = B.qt.data() + tile * D * N + lane;
@@ -237,14 +268,14 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
         sv.store(s);
       }
       const V m_old = V::load(B.m.data() + tile * N), m_new = V::max(m_old, mx);
-      const V corr = vec::exp2<V, EXP_DEGREE<T>>(m_old - m_new);
+      const V corr = softmax_exp<T>(m_old - m_new);
       // a row that has seen no key yet has m_new = NEG: subtracting at least -1e20 keeps its masked scores at ~NEG,
-      // whose 2^x is 0
+      // whose exponential is 0
       const V m_sub = V::max(m_new, V::set1(-1e20f));
       V sum = V::load(B.l.data() + tile * N) * corr;
       for (int64_t b = 0; b < nb; ++b) {
         float* s = B.st.data() + b * RP + tile * N;
-        const V p = vec::exp2<V, EXP_DEGREE<T>>(V::load(s) - m_sub);
+        const V p = softmax_exp<T>(V::load(s) - m_sub);
         sum = sum + p;
         p.store(s);
       }
@@ -264,7 +295,7 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
     const float inv = seen ? 1.f / B.l[r] : 0.f;
     const float* acc = B.acc.data() + tile * D * N + lane;
     for (int64_t d = 0; d < D; ++d) o[d] = acc[d * N] * inv;
-    a.lse[(q0 + i) * a.H + head] = seen ? (B.m[r] + std::log2(B.l[r])) * LN2 : NEG;
+    a.lse[(q0 + i) * a.H + head] = seen ? row_lse<T>(B.m[r], B.l[r]) : NEG;
   }
 }
 
@@ -277,10 +308,10 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
 // half (an fp32 once the bottom half is masked off) and its even dim in its bottom half (one shift), so a unit is one
 // load and two cheap instructions, and the queries and accumulators keep the dims of a unit in that order, evens then
 // odds (fp32 units: the dims in order).
-//   qs    [KVH][R][D]      the rows' queries, scaled by scale * log2 e, dims in unit order (row r: query r / G, head
+//   qs    [KVH][R][D]      the rows' queries, scaled (see NATURAL), dims in unit order (row r: query r / G, head
 //                          h * G + r % G)
-//   sr    [R][SKB + N]     the block's scores of one head (base 2; -1e30 where not visible), then probabilities
-//   acc   [KVH][R][D]      output accumulators, dims in unit order, rescaled by 2^(m_old - m_new) per block
+//   sr    [R][SKB + N]     the block's scores of one head (-1e30 where not visible), then probabilities
+//   acc   [KVH][R][D]      output accumulators, dims in unit order, rescaled by base^(m_old - m_new) per block
 // A score is a dot product over D summed across lanes.
 
 // The 2N dims of a unit from p: evens and odds (bf16), or the two halves (fp32).
@@ -383,7 +414,7 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
   float *qs = B.qs.data(), *acc = B.acc.data(), *m = B.m.data(), *l = B.l.data(), *sr = B.sr.data();
   float* corr = B.corr.data();
   int64_t max_qp = -1, min_lo = std::numeric_limits<int64_t>::max(), max_lo = 0, min_qp = 0;
-  const float qscale = a.scale * LOG2E;
+  const float qscale = NATURAL<T> ? a.scale : a.scale * LOG2E;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t row = a.q_rows[q0 + r / G];
     for (int64_t h = 0; h < KVH; ++h) {
@@ -485,10 +516,10 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
         }
         // the running maximum seldom moves once a few blocks are in: then no rescaling
         const float m_new = std::max(m[hr], bmax);
-        corr[r] = m_new == m[hr] ? 1.f : std::exp2(m[hr] - m_new);
+        corr[r] = m_new == m[hr] ? 1.f : NATURAL<T> ? std::exp(m[hr] - m_new) : std::exp2(m[hr] - m_new);
         V sum = V::zero();
         for (int64_t b = 0; b < nbv; b += N) {
-          const V p = vec::exp2<V, EXP_DEGREE<T>>(V::load(s + b) - V::set1(m_new));
+          const V p = softmax_exp<T>(V::load(s + b) - V::set1(m_new));
           sum = sum + p;
           p.store(s + b);
         }
@@ -524,7 +555,7 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
             o[d0 + 2 * i + 1] = ar[d0 + N + i] * inv;
           }
         }
-      a.lse[(q0 + r / G) * a.H + head] = seen ? (m[hr] + std::log2(l[hr])) * LN2 : NEG;
+      a.lse[(q0 + r / G) * a.H + head] = seen ? row_lse<T>(m[hr], l[hr]) : NEG;
     }
   }
 }
@@ -532,17 +563,15 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
 }  // namespace f32k
 
 // Every part: those of at most `small_rows` rows per KV head in run_small, one task each; the others split
-// into tasks of at most TASK_ROWS rows for run_task, or, with `small_only`, left alone (the caller computes them).
-// Returns whether head_dim suits the kernels (a multiple of ND and of the vector width; with `small_only`, of
-// run_small's units); else nothing was computed.
+// into tasks of at most TASK_ROWS rows for run_task. Returns whether head_dim suits the kernels (a multiple of ND
+// and of the vector width); else nothing was computed.
 template <typename T>
 bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t* q_rows, const int64_t* kv_ptr,
                    const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos, int64_t num_parts,
                    int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale, float* out,
-                   float* lse, int64_t small_rows, bool small_only) {
+                   float* lse, int64_t small_rows) {
   using namespace f32k;
   if (D % ND != 0 || D % N != 0) return false;
-  if (small_only && !small_takes(D)) return false;
   struct Task {
     int64_t part, head, row0, rows;
     bool small;  // run_small: every KV head of the part
@@ -556,7 +585,6 @@ bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t*
       tasks.push_back({p, 0, 0, R * KVH, true});
       continue;
     }
-    if (small_only) continue;
     // tasks of equal size, whole register blocks (but the last), at most TASK_ROWS rows: 192 rows are 2 x 96
     const int64_t n = (R + TASK_ROWS - 1) / TASK_ROWS, whole = NT * N;
     const int64_t step = std::min(TASK_ROWS, ((R + n - 1) / n + whole - 1) / whole * whole);
@@ -585,9 +613,9 @@ bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t*
 template bool f32_attention<at::BFloat16>(const at::BFloat16*, const at::BFloat16*, const int64_t*, const int64_t*,
                                           const int64_t*, const int64_t*, const int64_t*, const int64_t*, int64_t,
                                           int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*, float*,
-                                          int64_t, bool);
+                                          int64_t);
 template bool f32_attention<float>(const float*, const float*, const int64_t*, const int64_t*, const int64_t*,
                                    const int64_t*, const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t,
-                                   int64_t, int64_t, int64_t, float, float*, float*, int64_t, bool);
+                                   int64_t, int64_t, int64_t, float, float*, float*, int64_t);
 
 #endif

@@ -159,23 +159,20 @@ struct SmallParts {
   }
 };
 
-// The portable loop over every part but those of at most `done_rows` rows per KV head (computed elsewhere).
+// The portable loop over every part (where the vector kernels are not built, or head_dim does not suit them).
 template <typename scalar_t>
 void ragged_kernel(const scalar_t* q, const scalar_t* kv, const int64_t* q_ptr, const int64_t* q_rows,
                    const int64_t* kv_ptr, const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos,
                    int64_t num_parts, int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale,
-                   float* out, float* lse, int64_t done_rows = 0) {
-  std::vector<int64_t> todo;
-  for (int64_t p = 0; p < num_parts; ++p)
-    if ((q_ptr[p + 1] - q_ptr[p]) * (H / KVH) > done_rows) todo.push_back(p);
-  const int64_t n_tasks = static_cast<int64_t>(todo.size()) * KVH;
+                   float* out, float* lse) {
+  const int64_t n_tasks = num_parts * KVH;
   if (n_tasks == 0) return;
 #pragma omp parallel
   {
     SmallParts<scalar_t> work{q, kv, q_ptr, q_rows, kv_ptr, kv_slots, kv_start, q_pos, H, QS, KVH, D, S, window, scale,
                               out, lse};
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < n_tasks; ++task) work.run(todo[task / KVH], task % KVH);
+    for (int64_t task = 0; task < n_tasks; ++task) work.run(task / KVH, task % KVH);
   }
 }
 
@@ -187,7 +184,7 @@ template <typename T>
 bool f32_attention(const T* q, const T* kv, const int64_t* q_ptr, const int64_t* q_rows, const int64_t* kv_ptr,
                    const int64_t* kv_slots, const int64_t* kv_start, const int64_t* q_pos, int64_t num_parts,
                    int64_t H, int64_t QS, int64_t KVH, int64_t D, int64_t S, int64_t window, float scale, float* out,
-                   float* lse, int64_t small_rows, bool small_only);
+                   float* lse, int64_t small_rows);
 #endif
 
 namespace {
@@ -809,35 +806,23 @@ std::vector<at::Tensor> ragged_attention(at::Tensor q, at::Tensor kv, at::Tensor
     return {out, lse};
   }
 #endif
-  if (q.scalar_type() == at::ScalarType::BFloat16) {
+  // Without AVX512-BF16 (or for an fp32 cache, the exact dtype), attention_f32.cpp's kernels: fp32 arithmetic in
+  // vectors; the portable loop only where they are not built or head_dim does not suit them.
+  auto run = [&](auto* q_data, auto* kv_data) {
 #if defined(BATCHLLM_HAS_VEC)
-    if (f32_attention<at::BFloat16>(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), ptrs[0], ptrs[1],
-                                    ptrs[2], ptrs[3], ptrs[4], ptrs[5], P, H, QS, KVH, D, S, window,
-                                    static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>(),
-                                    F32_SMALL_ROWS, false))
-      return {out, lse};
+    if (f32_attention(q_data, kv_data, ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], P, H, QS, KVH, D, S,
+                      window, static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>(),
+                      F32_SMALL_ROWS))
+      return;
 #endif
-    ragged_kernel<at::BFloat16>(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>(), ptrs[0], ptrs[1], ptrs[2],
-                                ptrs[3], ptrs[4], ptrs[5], P, H, QS, KVH, D, S, window, static_cast<float>(scale),
-                                out.data_ptr<float>(), lse.data_ptr<float>());
+    ragged_kernel(q_data, kv_data, ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], P, H, QS, KVH, D, S, window,
+                  static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>());
+  };
+  if (q.scalar_type() == at::ScalarType::BFloat16) {
+    run(q.data_ptr<at::BFloat16>(), kv.data_ptr<at::BFloat16>());
   } else {
     TORCH_CHECK(q.scalar_type() == at::ScalarType::Float, "ragged_attention takes bf16 or fp32");
-    // Decodes (parts of at most F32_SMALL_ROWS rows per KV head) run in attention_f32.cpp's decode kernel, 1.8-3.4x
-    // faster than the portable loop (Zen 5, 2 threads, avx2 and avx512bf16 builds; benchmarks/kernel_ab.py --fp32).
-    // Parts of more rows stay in the portable loop (2.6-4.5x slower than run_task over a bf16 cache, avx2): the
-    // register-blocked kernel took the worst prompt logprob against HF's from 7.6e-6 to 1.4e-5
-    // (tests/test_scoring.py, chunks of 5 tokens), past the 1e-5 that fp32 promises; the decode kernel keeps it at
-    // 7.6e-6 (avx512bf16) and 7.9e-6 (avx2, was 9.3e-6).
-    int64_t done_rows = 0;
-#if defined(BATCHLLM_HAS_VEC)
-    if (f32_attention<float>(q.data_ptr<float>(), kv.data_ptr<float>(), ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4],
-                             ptrs[5], P, H, QS, KVH, D, S, window, static_cast<float>(scale), out.data_ptr<float>(),
-                             lse.data_ptr<float>(), F32_SMALL_ROWS, true))
-      done_rows = F32_SMALL_ROWS;
-#endif
-    ragged_kernel<float>(q.data_ptr<float>(), kv.data_ptr<float>(), ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4],
-                         ptrs[5], P, H, QS, KVH, D, S, window, static_cast<float>(scale), out.data_ptr<float>(),
-                         lse.data_ptr<float>(), done_rows);
+    run(q.data_ptr<float>(), kv.data_ptr<float>());
   }
   return {out, lse};
 }
