@@ -22,10 +22,11 @@ from batchllm.model.cpu_kernels import has_bf16_kernels, load_ragged_attention
 # Default cap on the padded key slots (bucket batch x keys) gathered by one attention call; bigger buckets are split.
 # It bounds the temporary K/V copy (e.g. 2^17 slots x 4 KV heads x 64 x bf16 x 2 = 128 MiB).
 DEFAULT_MAX_KEYS_PER_CALL = 1 << 17
-# fp32: parts with at most this many query rows (decodes, short chunks) go to the ragged CPU kernel when it is
-# available: it reads their keys straight from the paged cache, where the fused kernel pays a fixed cost per
-# (part, head). bf16: every part goes to the kernel, which runs large parts as register-blocked matrix products
-# (vdpbf16ps with AVX512-BF16, fp32 FMAs on AVX-512F and AVX2: attention_f32.cpp).
+# Where the CPU kernels have vector paths (AVX2 and up), every bf16 or fp32 part goes to the ragged kernel, which
+# reads keys straight from the paged cache and runs large parts as register-blocked matrix products (vdpbf16ps with
+# AVX512-BF16, fp32 FMAs otherwise: attention_f32.cpp). Where only the portable loop is built, just the parts with
+# at most this many query rows (decodes, short chunks) do: the fused kernel pays a fixed cost per (part, head), the
+# portable loop a slow one per key.
 RAGGED_MAX_QUERIES = 8
 
 
@@ -176,7 +177,7 @@ class AttentionMetadata:
         live = [p for p in parts if len(p.q_rows) > 0 and p.kv_len > 0]
         if ragged_max_queries is None:
             ragged_max_queries = RAGGED_MAX_QUERIES if device.type == "cpu" and load_ragged_attention() else 0
-            if dtype == torch.bfloat16 and ragged_max_queries > 0 and has_bf16_kernels():
+            if dtype in (torch.bfloat16, torch.float32) and ragged_max_queries > 0 and has_bf16_kernels():
                 ragged_max_queries = num_tokens
         small = [p for p in live if len(p.q_rows) <= ragged_max_queries]
         live = [p for p in live if len(p.q_rows) > ragged_max_queries]
