@@ -119,8 +119,8 @@ def test_whole_causal_segments_use_the_kernels_causal_mode(attention_path, monke
 
 
 def test_bf16_without_the_avx512_kernels_uses_torch_for_large_parts(monkeypatch):
-    """On a CPU without AVX512-BF16 the bf16 path routes as fp32 does: large parts to torch's fused kernel, and the
-    merge in torch."""
+    """Where the CPU kernels lack vector paths (`has_bf16_kernels` false), bf16's large parts go to torch's fused
+    kernel, and the merge to torch; with them, every part goes to our kernel."""
     step = group_step(15, 53)
     step.seq(30, 30)
     parts, positions, slots, _ = step.pack()
@@ -138,3 +138,23 @@ def test_bf16_without_the_avx512_kernels_uses_torch_for_large_parts(monkeypatch)
     if attn_mod.load_cpu_kernels().bf16_kernels():
         meta = AttentionMetadata.build(parts, positions, slots, step.block_size, CPU, dtype=torch.bfloat16)
         assert meta.buckets == []  # every part in our kernel
+
+
+def test_fp32_sends_every_part_to_the_kernel_where_it_has_vector_paths(monkeypatch):
+    """fp32 (the exact dtype) routes as bf16 does: every part to the ragged kernel where the CPU kernels have vector
+    paths (AVX2 and up), which hold fp32 to 1e-5 of exact attention; large parts to torch's fused kernel where only
+    the portable loop is built."""
+    step = group_step(15, 53)
+    step.seq(30, 30)
+    parts, positions, slots, _ = step.pack()
+    if meta_mod.load_ragged_attention() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    monkeypatch.setattr(meta_mod, "RAGGED_MAX_QUERIES", 8)  # the default routing, whichever path the fixture set
+    monkeypatch.setattr(meta_mod, "has_bf16_kernels", lambda: False)
+    meta = AttentionMetadata.build(parts, positions, slots, step.block_size, CPU, dtype=torch.float32)
+    assert sum(b.batch * b.q_len for b in meta.buckets) >= 30  # the 30-query prefill and the prefixes' queries
+    monkeypatch.setattr(meta_mod, "has_bf16_kernels", lambda: True)
+    meta = AttentionMetadata.build(parts, positions, slots, step.block_size, CPU, dtype=torch.float32)
+    assert meta.buckets == []
+    out, ref, _ = run_case(step, 8, 2, dtype=torch.float32)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
