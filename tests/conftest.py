@@ -127,13 +127,14 @@ def smollm2(smollm2_gguf) -> Path:
 def attention_path(request, monkeypatch):
     """Attention tests run through the fused-kernel buckets and again through the ragged C++ kernel (all parts)."""
     from batchllm.model import attention_meta
+    from batchllm.model.cpu_kernels import load_ragged_attention
 
     if request.param == "fused":
         monkeypatch.setattr(attention_meta, "RAGGED_MAX_QUERIES", 0)
     else:
         if request.node.get_closest_marker("fused_only"):
             pytest.skip("checks the layout of fused-kernel buckets")
-        if attention_meta.load_ragged_attention() is None:
+        if load_ragged_attention() is None:
             pytest.skip("the ragged CPU kernel could not be built here")
         monkeypatch.setattr(attention_meta, "RAGGED_MAX_QUERIES", 10**9)
     return request.param

@@ -11,6 +11,7 @@ from attention_cases import CPU, Step, group_step, reference, run_case  # noqa: 
 from batchllm.model import attention as attn_mod
 from batchllm.model import attention_meta as meta_mod
 from batchllm.model.attention import AttentionMetadata, AttnPart, paged_attention
+from batchllm.model.cpu_kernels import load_cpu_kernels, load_ragged_attention
 
 # every test runs through the fused-kernel buckets and again through the ragged kernel (conftest.attention_path)
 pytestmark = pytest.mark.usefixtures("attention_path")
@@ -124,18 +125,16 @@ def test_bf16_without_the_avx512_kernels_uses_torch_for_large_parts(monkeypatch)
     step = group_step(15, 53)
     step.seq(30, 30)
     parts, positions, slots, _ = step.pack()
-    if meta_mod.load_ragged_attention() is None:
+    if load_ragged_attention() is None:
         pytest.skip("the CPU kernels could not be built here")
     monkeypatch.setattr(meta_mod, "RAGGED_MAX_QUERIES", 8)  # the default routing, whichever path the fixture set
     monkeypatch.setattr(meta_mod, "has_bf16_kernels", lambda: False)
-    monkeypatch.setattr(attn_mod, "has_bf16_kernels", lambda: False)
     meta = AttentionMetadata.build(parts, positions, slots, step.block_size, CPU, dtype=torch.bfloat16)
     assert sum(b.batch * b.q_len for b in meta.buckets) >= 30  # the 30-query prefill and the prefixes' queries
     out, ref, _ = run_case(step, 8, 2, dtype=torch.bfloat16)
     assert (out.double() - ref).abs().max().item() < 1e-2
     monkeypatch.setattr(meta_mod, "has_bf16_kernels", lambda: True)
-    monkeypatch.setattr(attn_mod, "has_bf16_kernels", lambda: True)
-    if attn_mod.load_cpu_kernels().bf16_kernels():
+    if load_cpu_kernels().bf16_kernels():
         meta = AttentionMetadata.build(parts, positions, slots, step.block_size, CPU, dtype=torch.bfloat16)
         assert meta.buckets == []  # every part in our kernel
 
@@ -147,7 +146,7 @@ def test_fp32_sends_every_part_to_the_kernel_where_it_has_vector_paths(monkeypat
     step = group_step(15, 53)
     step.seq(30, 30)
     parts, positions, slots, _ = step.pack()
-    if meta_mod.load_ragged_attention() is None:
+    if load_ragged_attention() is None:
         pytest.skip("the CPU kernels could not be built here")
     monkeypatch.setattr(meta_mod, "RAGGED_MAX_QUERIES", 8)  # the default routing, whichever path the fixture set
     monkeypatch.setattr(meta_mod, "has_bf16_kernels", lambda: False)

@@ -117,6 +117,22 @@ def test_merge_matches_torch_merge(kernels):
     assert ulps(got, exact.to(BF16)).max().item() <= 1
 
 
+def test_merge_of_single_cover_rows_is_the_torch_placement_bit_for_bit(kernels):
+    """A step whose rows each have one partial result (decodes without a shared prefix): the merge kernel, given
+    the [T, 1] merge index, places each row's result in bf16 exactly as the torch scatter does."""
+    rng = np.random.default_rng(1)
+    t, h, d = 7, 3, 64
+    parts = [AttnPart(np.array([r]), [r], 0, 5 + r) for r in (3, 0, 6, 1, 5, 2, 4)]  # rows out of order
+    meta = AttentionMetadata.build(parts, np.full(t, 30), np.arange(t), 16, torch.device("cpu"),
+                                   ragged_max_queries=0)
+    assert meta.single_cover and meta.merge_index.shape == (t, 1)
+    out = torch.from_numpy(rng.standard_normal((t, h, d)).astype(np.float32))
+    lse = torch.from_numpy(rng.standard_normal((t, h)).astype(np.float32) * 3)
+    expect = _merge([out.to(BF16)], [lse], meta, torch.zeros(t, h, d, dtype=BF16))
+    assert torch.equal(kernels.merge(out, lse, meta.merge_index), expect)
+    assert torch.equal(expect[3], out[0].to(BF16))  # part 0 holds row 3
+
+
 @pytest.mark.parametrize("vocab", [1, 5, 31, 32, 33, 100, 32000, 151936])
 def test_argmax_rows_equals_torch_argmax_of_the_fp32_values(vocab, kernels):
     x = randn(12, vocab, seed=vocab)

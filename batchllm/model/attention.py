@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from batchllm.model.attention_meta import AttentionMetadata, AttnBucket, AttnPart, RaggedParts
-from batchllm.model.cpu_kernels import has_bf16_kernels, load_cpu_kernels, load_ragged_attention
 
 __all__ = ["AttentionMetadata", "AttnPart", "RaggedParts", "paged_attention", "write_kv"]
 
@@ -71,12 +70,13 @@ def paged_attention(
         lses.append(lse.index_select(0, bucket.sel))
     if meta.ragged is not None:
         r = meta.ragged
-        kernel = load_ragged_attention()
+        if r.attend is None:
+            raise RuntimeError("ragged attention parts need the CPU kernels, which are not built")
         qk = q if q.stride(2) == 1 and q.stride(1) == d else q.contiguous()  # rows may be strided (views of qkv)
-        out, lse = kernel(qk, kv_cache.view(2, -1, n_kv, d), r.q_ptr, r.q_rows, r.kv_ptr, r.kv_slots,
-                          r.kv_start, r.q_pos, meta.window, scale)  # [NQ, H, D] fp32, [NQ, H] fp32
-        if not outs and not meta.single_cover and q.dtype == torch.bfloat16 and has_bf16_kernels():  # fused merge
-            return load_cpu_kernels().merge(out, lse, meta.merge_index)  # [T, H, D] bf16
+        out, lse = r.attend(qk, kv_cache.view(2, -1, n_kv, d), r.q_ptr, r.q_rows, r.kv_ptr, r.kv_slots,
+                            r.kv_start, r.q_pos, meta.window, scale)  # [NQ, H, D] fp32, [NQ, H] fp32
+        if not outs and q.dtype == torch.bfloat16 and r.merge_bf16 is not None:  # the fused merge (or placement)
+            return r.merge_bf16(out, lse, meta.merge_index)  # [T, H, D] bf16
         outs.append(out.to(q.dtype))
         lses.append(lse)
     return _merge(outs, lses, meta, q)

@@ -11,13 +11,13 @@ results merge.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from batchllm.model.cpu_kernels import has_bf16_kernels, load_ragged_attention
+from batchllm.model.cpu_kernels import has_bf16_kernels, load_cpu_kernels
 
 # Default cap on the padded key slots (bucket batch x keys) gathered by one attention call; bigger buckets are split.
 # It bounds the temporary K/V copy (e.g. 2^17 slots x 4 KV heads x 64 x bf16 x 2 = 128 MiB).
@@ -75,9 +75,14 @@ class RaggedParts:
     kv_start: torch.Tensor  # int64 [P]
     q_pos: torch.Tensor  # int64 [T]
     rows_np: np.ndarray  # int64 [NQ], q_rows as numpy (for the cover count)
+    # the compiled kernels, looked up once per step (not per layer): the ragged attention, and the fused merge of
+    # bf16 partial results (None where the kernel path has no bf16 kernels)
+    attend: Callable | None = None
+    merge_bf16: Callable | None = None
 
     @classmethod
-    def build(cls, parts: Sequence[AttnPart], positions: np.ndarray, block_size: int, device) -> RaggedParts:
+    def build(cls, parts: Sequence[AttnPart], positions: np.ndarray, block_size: int, device,
+              attend: Callable | None = None, merge_bf16: Callable | None = None) -> RaggedParts:
         q_counts = np.array([len(p.q_rows) for p in parts], dtype=np.int64)
         kv_counts = np.array([p.kv_len for p in parts], dtype=np.int64)
         rows = np.concatenate([np.asarray(p.q_rows, dtype=np.int64) for p in parts])
@@ -90,6 +95,8 @@ class RaggedParts:
             kv_start=torch.tensor([p.kv_start for p in parts], dtype=torch.int64, device=device),
             q_pos=torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(device),
             rows_np=rows,
+            attend=attend,
+            merge_bf16=merge_bf16,
         )
 
 
@@ -140,7 +147,7 @@ class AttentionMetadata:
     buckets: list[AttnBucket]
     merge_rows: torch.Tensor  # int64 [N]: packed row of each merged partial result (buckets concatenated)
     single_cover: bool  # every row appears in exactly one partial result: the merge is a plain scatter
-    merge_index: torch.Tensor | None  # int64 [T, L]: the partial results of each row (N = "none"); None if single
+    merge_index: torch.Tensor  # int64 [T, L]: the partial results of each row (N = "none"; L = 1 if single)
     ragged: RaggedParts | None = None  # small parts for the ragged CPU kernel (their rows come last in merge_rows)
     window: int = 0  # sliding window (0: none)
     _masks: dict = field(default_factory=dict, repr=False)
@@ -175,9 +182,11 @@ class AttentionMetadata:
         slot_t = torch.from_numpy(np.ascontiguousarray(slots[keep])).to(device)
 
         live = [p for p in parts if len(p.q_rows) > 0 and p.kv_len > 0]
+        kernels = load_cpu_kernels() if device.type == "cpu" else None
+        vector = kernels is not None and has_bf16_kernels()  # the kernel path has vector kernels (AVX2 and up)
         if ragged_max_queries is None:
-            ragged_max_queries = RAGGED_MAX_QUERIES if device.type == "cpu" and load_ragged_attention() else 0
-            if dtype in (torch.bfloat16, torch.float32) and ragged_max_queries > 0 and has_bf16_kernels():
+            ragged_max_queries = RAGGED_MAX_QUERIES if kernels is not None else 0
+            if dtype in (torch.bfloat16, torch.float32) and ragged_max_queries > 0 and vector:
                 ragged_max_queries = num_tokens
         small = [p for p in live if len(p.q_rows) <= ragged_max_queries]
         live = [p for p in live if len(p.q_rows) > ragged_max_queries]
@@ -189,7 +198,9 @@ class AttentionMetadata:
             buckets.append(bucket)
             row_lists.append(rows)
             np.add.at(cover, rows, 1)
-        ragged = RaggedParts.build(small, positions, block_size, device) if small else None
+        ragged = RaggedParts.build(small, positions, block_size, device,
+                                   attend=None if kernels is None else kernels.ragged_attention,
+                                   merge_bf16=kernels.merge if vector else None) if small else None
         if ragged is not None:
             row_lists.append(ragged.rows_np)
             np.add.at(cover, ragged.rows_np[ragged.sees_keys(small, positions, sliding_window)], 1)
@@ -207,7 +218,7 @@ class AttentionMetadata:
             buckets=buckets,
             merge_rows=torch.from_numpy(merge_rows).to(device),
             single_cover=single,
-            merge_index=None if single else _merge_index(merge_rows, count).to(device),
+            merge_index=_merge_index(merge_rows, count).to(device),
             ragged=ragged,
             window=sliding_window or 0,
         )
@@ -327,6 +338,8 @@ def _merge_index(rows: np.ndarray, cover: np.ndarray) -> torch.Tensor:
     """[T, L] indices of each row's partial results in the concatenated list (L = most parts covering a row);
     slots past a row's own count point at index N, a sentinel with lse = -inf."""
     n = rows.shape[0]
+    if cover.size == 0:  # a step without tokens
+        return torch.zeros((0, 1), dtype=torch.int64)
     levels = int(cover.max())
     order = np.argsort(rows, kind="stable")  # partial results grouped by row
     first = np.concatenate(([0], np.cumsum(cover)[:-1]))  # [T] where each row's run starts in `order`
