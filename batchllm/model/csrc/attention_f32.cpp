@@ -82,6 +82,7 @@ inline V load_row(const float* p, int64_t n) { return V::load(p, n); }
 
 struct Buffers {
   std::vector<float> qt, kb, vb, st, acc, m, l, c, qpos, lo;
+  std::vector<int64_t> tile_qpos, tile_lo;  // per tile: the lowest position and the highest lo of its rows
   void reserve(int64_t D) {
     const int64_t tiles = (TASK_ROWS + N - 1) / N + NT;  // whole register blocks, padded
     qt.resize(tiles * D * N);
@@ -94,6 +95,8 @@ struct Buffers {
     c.resize(tiles * N);
     qpos.resize(tiles * N);
     lo.resize(tiles * N);
+    tile_qpos.resize(tiles);
+    tile_lo.resize(tiles);
   }
 };
 
@@ -210,6 +213,8 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
       B.lo[r] = static_cast<float>(lo);
       max_qp = std::max(max_qp, pos);
       min_lo = std::min(min_lo, lo);
+      B.tile_qpos[tile] = lane == 0 ? pos : std::min(B.tile_qpos[tile], pos);
+      B.tile_lo[tile] = lane == 0 ? lo : std::max(B.tile_lo[tile], lo);
     } else {
       for (int64_t d = 0; d < D; ++d) dst[d * N] = 0.f;
       B.qpos[r] = -1.f;
@@ -258,14 +263,20 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
     // visibility, then the online softmax, lane-wise per tile
     const float kpos0 = static_cast<float>(first + j0);
     for (int64_t tile = 0; tile < tiles; ++tile) {
-      const V qpos = V::load(B.qpos.data() + tile * N), lo = V::load(B.lo.data() + tile * N);
       V mx = V::set1(NEG);
-      for (int64_t b = 0; b < nb; ++b) {
-        float* s = B.st.data() + b * RP + tile * N;
-        const V kp = V::set1(kpos0 + static_cast<float>(b));
-        const V sv = V::select(V::visible(kp, qpos, lo), V::load(s), V::set1(NEG));
-        mx = V::max(mx, sv);
-        sv.store(s);
+      // every key of the block visible to every row of the tile (its padding rows' results are never read): the
+      // scores stand as they are
+      if (B.tile_lo[tile] <= first + j0 && first + j0 + nb - 1 <= B.tile_qpos[tile]) {
+        for (int64_t b = 0; b < nb; ++b) mx = V::max(mx, V::load(B.st.data() + b * RP + tile * N));
+      } else {
+        const V qpos = V::load(B.qpos.data() + tile * N), lo = V::load(B.lo.data() + tile * N);
+        for (int64_t b = 0; b < nb; ++b) {
+          float* s = B.st.data() + b * RP + tile * N;
+          const V kp = V::set1(kpos0 + static_cast<float>(b));
+          const V sv = V::select(V::visible(kp, qpos, lo), V::load(s), V::set1(NEG));
+          mx = V::max(mx, sv);
+          sv.store(s);
+        }
       }
       const V m_old = V::load(B.m.data() + tile * N), m_new = V::max(m_old, mx);
       const V corr = softmax_exp<T>(m_old - m_new);
