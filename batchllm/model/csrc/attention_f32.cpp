@@ -41,6 +41,7 @@ constexpr int NK = N == 16 ? 8 : 4;  // keys per register block of the scores
 constexpr int ND = N == 16 ? 8 : 4;  // dims per register block of P V
 constexpr float NEG = -1e30f;
 constexpr float LOG2E = 1.44269504f, LN2 = 0.69314718f;
+constexpr float LAZY = 8.f;  // run_small's running maximum lags the scores by at most this (softmax base units)
 // e^x to about an ulp: n = round(x log2 e), r = x - n ln 2 in two parts (|r| <= ln 2 / 2), e^r by its Taylor
 // polynomial of degree 7 (truncation ~5e-9). Results below fp32's normal range (x < -87) come out 0 or subnormal.
 inline V exp_nat(V x) {
@@ -126,7 +127,7 @@ struct SmallBuffers {
     grow(qs, rows * D);
     grow(acc, rows * D);
     grow(m, rows);
-    grow(l, rows);
+    grow(l, rows * N);
     grow(qpos, rows);
     grow(lo, rows);
     grow(corr, rows);
@@ -447,7 +448,7 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
     max_lo = std::max(max_lo, lo);
   }
   std::fill(m, m + KVH * R, NEG);
-  std::fill(l, l + KVH * R, 0.f);
+  std::fill(l, l + KVH * R * N, 0.f);  // each row's sum, lane-wise
   std::fill(acc, acc + KVH * R * D, 0.f);
   alignas(64) float iota[N];
   for (int64_t i = 0; i < N; ++i) iota[i] = static_cast<float>(i);
@@ -519,23 +520,37 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
             sv.store(s + b);
           }
         }
+        float* lr = l + hr * N;
+        // The running maximum m moves only when a score passes it by more than LAZY (until then probabilities reach
+        // up to base^LAZY, far from fp32's range): most blocks need no horizontal maximum and no rescaling, and the
+        // sum stays lane-wise. The first visible block sets m.
+        if (m[hr] > NEG && !V::any(V::less(V::set1(m[hr] + LAZY), mx))) {
+          corr[r] = 1.f;
+          V sum = V::load(lr);
+          for (int64_t b = 0; b < nbv; b += N) {
+            const V p = softmax_exp<T>(V::load(s + b) - V::set1(m[hr]));
+            sum = sum + p;
+            p.store(s + b);
+          }
+          sum.store(lr);
+          continue;
+        }
         const float bmax = mx.max();
-        if (bmax <= NEG) {  // nothing visible to this row in this block: no change
+        if (bmax <= NEG) {  // nothing visible to this row yet: no change
           for (int64_t b = 0; b < nbv; b += N) V::zero().store(s + b);
           corr[r] = 1.f;
           continue;
         }
-        // the running maximum seldom moves once a few blocks are in: then no rescaling
         const float m_new = std::max(m[hr], bmax);
-        corr[r] = m_new == m[hr] ? 1.f : NATURAL<T> ? std::exp(m[hr] - m_new) : std::exp2(m[hr] - m_new);
-        V sum = V::zero();
+        corr[r] = NATURAL<T> ? std::exp(m[hr] - m_new) : std::exp2(m[hr] - m_new);  // 0 for the first block
+        V sum = V::load(lr) * V::set1(corr[r]);
         for (int64_t b = 0; b < nbv; b += N) {
           const V p = softmax_exp<T>(V::load(s + b) - V::set1(m_new));
           sum = sum + p;
           p.store(s + b);
         }
         m[hr] = m_new;
-        l[hr] = l[hr] * corr[r] + sum.sum();
+        sum.store(lr);
       }
       for (int64_t r0 = 0; r0 < R; r0 += RR_MAX) {
         float* ar = acc + (h * R + r0) * D;
@@ -553,8 +568,9 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
     for (int64_t r = 0; r < R; ++r) {
       const int64_t hr = h * R + r, head = h * G + r % G;
       float* o = a.out + ((q0 + r / G) * a.H + head) * D;
-      const bool seen = l[hr] > 0.f;
-      const float inv = seen ? 1.f / l[hr] : 0.f;
+      const float lsum = V::load(l + hr * N).sum();
+      const bool seen = lsum > 0.f;
+      const float inv = seen ? 1.f / lsum : 0.f;
       const float* ar = acc + hr * D;
       for (int64_t d0 = 0; d0 < D; d0 += 2 * N)  // from unit order: bf16 units hold the even dims, then the odd
         for (int64_t i = 0; i < N; ++i) {
@@ -566,7 +582,7 @@ void run_small(int64_t part, SmallBuffers& B, const Args<T>& a) {
             o[d0 + 2 * i + 1] = ar[d0 + N + i] * inv;
           }
         }
-      a.lse[(q0 + r / G) * a.H + head] = seen ? row_lse<T>(m[hr], l[hr]) : NEG;
+      a.lse[(q0 + r / G) * a.H + head] = seen ? row_lse<T>(m[hr], lsum) : NEG;
     }
   }
 }

@@ -121,6 +121,7 @@ struct V16 {
     return _mm512_cmp_ps_mask(kp.v, qp.v, _CMP_LE_OQ) & _mm512_cmp_ps_mask(lo.v, kp.v, _CMP_LE_OQ);
   }
   static V16 select(Mask m, V16 yes, V16 no) { return _mm512_mask_mov_ps(no.v, m, yes.v); }
+  static bool any(Mask m) { return m != 0; }
   float sum() const { return _mm512_reduce_add_ps(v); }
   static __m128 sum4(V16 a, V16 b, V16 c, V16 d) {  // the lane sums of a, b, c and d
     auto half = [](V16 x) { return _mm256_add_ps(_mm512_castps512_ps256(x.v), _mm512_extractf32x8_ps(x.v, 1)); };
@@ -202,6 +203,7 @@ struct V8 {
     return _mm256_and_ps(_mm256_cmp_ps(kp.v, qp.v, _CMP_LE_OQ), _mm256_cmp_ps(lo.v, kp.v, _CMP_LE_OQ));
   }
   static V8 select(Mask m, V8 yes, V8 no) { return _mm256_blendv_ps(no.v, yes.v, m); }
+  static bool any(Mask m) { return _mm256_movemask_ps(m) != 0; }
   static __m128 sum4(V8 a, V8 b, V8 c, V8 d) {  // the lane sums of a, b, c and d
     const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a.v, b.v), _mm256_hadd_ps(c.v, d.v));
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
