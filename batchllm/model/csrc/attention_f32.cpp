@@ -41,7 +41,7 @@ constexpr int NK = N == 16 ? 8 : 4;  // keys per register block of the scores
 constexpr int ND = N == 16 ? 8 : 4;  // dims per register block of P V
 constexpr float NEG = -1e30f;
 constexpr float LOG2E = 1.44269504f, LN2 = 0.69314718f;
-constexpr float LAZY = 8.f;  // run_small's running maximum lags the scores by at most this (softmax base units)
+constexpr float LAZY = 8.f;  // run_small's running maximum may sit this far below a row's top score (base units)
 // e^x to about an ulp: n = round(x log2 e), r = x - n ln 2 in two parts (|r| <= ln 2 / 2), e^r by its Taylor
 // polynomial of degree 7 (truncation ~5e-9). Results below fp32's normal range (x < -87) come out 0 or subnormal.
 inline V exp_nat(V x) {
@@ -323,7 +323,9 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
 //   qs    [KVH][R][D]      the rows' queries, scaled (see NATURAL), dims in unit order (row r: query r / G, head
 //                          h * G + r % G)
 //   sr    [R][SKB + N]     the block's scores of one head (-1e30 where not visible), then probabilities
-//   acc   [KVH][R][D]      output accumulators, dims in unit order, rescaled by base^(m_old - m_new) per block
+//   acc   [KVH][R][D]      output accumulators, dims in unit order, rescaled by base^(m_old - m_new) when m moves
+//   m, l  [KVH][R], [KVH][R][N]   each row's running maximum (up to LAZY below its highest score) and its sum of
+//                          probabilities, lane-wise
 // A score is a dot product over D summed across lanes.
 
 // The 2N dims of a unit from p: evens and odds (bf16), or the two halves (fp32).
