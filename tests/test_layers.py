@@ -1,6 +1,7 @@
 """`Linear` with packed weights. The project's bf16 kernel (`csrc/gemm.cpp`): the exact product within bf16 rounding,
-`F.linear`'s value in all but a few elements, and a row's result independent of the batch. oneDNN's packing (where the
-project's kernel is not built): the values of `F.linear`, bit for bit. Packing only where it applies."""
+`F.linear`'s value in all but a few elements, and a row's result independent of the batch; its fp32 kernel: the fp32
+sum, a row's result independent of the batch. oneDNN's packing (where the project's kernel is not built): the values
+of `F.linear`, bit for bit. Packing only where it applies."""
 
 from __future__ import annotations
 
@@ -116,10 +117,48 @@ def test_gated_packing_gives_silu_mul_of_the_product_bit_for_bit(inter, in_f, bi
         gated(x)
 
 
-def test_gemm_packing_applies_to_bf16_cpu_weights_with_an_even_input_size():
+def test_gemm_packing_applies_to_cpu_weights_bf16_with_an_even_input_size_or_fp32(gemm_isa):
     assert gemm_kernels(torch.empty(4, 7, dtype=BF16)) is None  # odd K: oneDNN's packing (or none) instead
-    assert gemm_kernels(torch.empty(4, 8, dtype=torch.float32)) is None
+    assert gemm_kernels(torch.empty(4, 8, dtype=BF16)) is not None
+    assert gemm_kernels(torch.empty(4, 7, dtype=torch.float32)) is not None  # gemm_f32: any K
+    assert gemm_kernels(torch.empty(4, 8, dtype=torch.float16)) is None
     assert gemm_kernels(torch.empty(4, 8, dtype=BF16, device="meta")) is None
+    assert gemm_kernels(torch.empty(4, 8, dtype=torch.float32, device="meta")) is None
+
+
+def test_fp32_weights_stay_plain_where_the_kernel_path_has_no_vector_code(monkeypatch):
+    monkeypatch.setenv("BATCHLLM_ISA", "portable")
+    lin = make_linear(8, 6, True, dtype=torch.float32)
+    lin.pack()
+    assert lin.gemm is None and lin.packed is None and lin.weight is not None  # F.linear, as HF
+
+
+@pytest.mark.parametrize("out_f,in_f", SHAPES + [(65, 7), (3, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_packed_linear_is_the_fp32_sum_and_rows_do_not_depend_on_the_batch(out_f, in_f, bias, gemm_isa):
+    """fp32 weights (dtype=float32, the exact dtype) through `gemm_f32`: each output within the bound of an fp32
+    sum of K products (K * 2^-24 * sum |x w| beyond the float64 product), `F.linear`'s values to the same bound, and
+    a row's result bit for bit the same alone or in any batch (the sum runs over k in order whatever the tile)."""
+    lin = make_linear(out_f, in_f, bias, dtype=torch.float32)
+    weight = lin.weight.detach().clone()  # [out, in]
+    b = None if lin.bias is None else lin.bias.detach().clone()
+    lin.pack()
+    assert lin.gemm is not None and lin.packed is not None and lin.weight is None and not lin.gated
+    gen = torch.Generator().manual_seed(1)
+    for rows in (1, 3, 7, 16, 129, 300):
+        x = torch.randn(rows, in_f, generator=gen)  # [rows, in]
+        y = lin(x)  # [rows, out]
+        assert y.dtype == torch.float32 and y.shape == (rows, out_f)
+        exact = x.double() @ weight.double().T  # [rows, out]
+        if b is not None:
+            exact = exact + b.double()
+        bound = (in_f + 1) * 2.0**-24 * (x.double().abs() @ weight.double().abs().T + (0 if b is None else b.abs()))
+        assert ((y.double() - exact).abs() <= bound).all(), rows
+        assert ((y.double() - F.linear(x, weight, b).double()).abs() <= 2 * bound).all(), rows
+        for r in {0, rows // 2, rows - 1}:
+            assert torch.equal(lin(x[r:r + 1])[0], y[r]), (rows, r)
+    x3 = torch.randn(2, 5, in_f, generator=gen)  # [2, 5, in]: leading dims kept
+    assert torch.equal(lin(x3), lin(x3.reshape(10, in_f)).reshape(2, 5, out_f))
 
 
 @needs_packing
@@ -143,11 +182,12 @@ def test_onednn_packed_linear_equals_f_linear_bit_for_bit(out_f, in_f, bias, mon
     assert torch.equal(lin(strided), F.linear(strided, weight, b))
 
 
-def test_pack_leaves_fp32_and_non_cpu_weights_as_they_are():
-    lin = make_linear(16, 8, True, dtype=torch.float32)
-    weight = lin.weight
-    lin.pack()
-    assert lin.packed is None and lin.weight is weight
+def test_pack_leaves_non_cpu_weights_as_they_are_and_onednn_packs_bf16_only():
+    for dtype in (torch.float32, BF16):
+        lin = Linear(16, 8, True, dtype, torch.device("meta"))
+        weight = lin.weight
+        lin.pack()
+        assert lin.packed is None and lin.gemm is None and lin.weight is weight
     assert not can_pack(torch.empty(1, dtype=torch.float32))
     assert not can_pack(torch.empty(1, dtype=BF16, device="meta"))
 

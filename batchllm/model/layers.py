@@ -90,9 +90,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Linear(torch.nn.Module):
     """y = x W^T + b for x [..., in]; W is [out, in] as in the checkpoint.
 
-    `pack()` moves W once into a matmul kernel's own layout and drops the plain copy (bf16 on CPU only):
-    - the project's kernel (`csrc/gemm.cpp`: vdpbf16ps with AVX512-BF16, fp32 FMAs over bf16 weights on AVX-512F
-      and AVX2) where it was built. A row's result is the same whatever the
+    `pack()` moves W once into a matmul kernel's own layout and drops the plain copy (on CPU):
+    - fp32 W: the project's fp32 gemm (`gemm_f32` in `csrc/gemm.cpp`: FMAs over panels of 64 columns, every output
+      the sum over k in order, a row's result independent of the batch) where the kernel path has vector code (AVX2
+      and up). Against `F.linear` (MKL) on SmolLM2-135M's shapes, AVX2 path, 2 threads: 1.2-1.7x at 48-256 rows,
+      2.1-6x at 8 rows (the lm_head most);
+    - bf16 W: the project's kernel (`csrc/gemm.cpp`: vdpbf16ps with AVX512-BF16, fp32 FMAs over bf16 weights on
+      AVX-512F and AVX2) where it was built. A row's result is the same whatever the
       other rows of the batch, and within one bf16 step of `F.linear` (equal in all but ~0.01% of values, checked in
       `test_layers.py`). Against oneDNN's packed weights, alternating calls over 8 layers' weights (2 threads): at
       1-128 rows, where decode steps live, 1.15-2.2x for qkv, o and down, 1.1-1.45x for gate_up and 1.0-1.25x for a
@@ -123,14 +127,18 @@ class Linear(torch.nn.Module):
         return F.linear(x, self.weight, self.bias)  # [..., out]
 
     def pack(self, gated: bool = False) -> None:
-        """Replace W by a kernel's packed form where one applies (bf16 on CPU); else leave it as it is.
+        """Replace W by a kernel's packed form where one applies (CPU); else leave it as it is.
 
         gated: W is a fused [gate; up] projection [2I, in]. Where the project's kernel packs it, it is laid out so that
         the product's epilogue computes SiLU(gate) * up (`silu_mul`); `forward` is then not available."""
         if self.packed is not None:
             return
         kernels = gemm_kernels(self.weight)
-        if kernels is not None:
+        if kernels is not None and self.weight.dtype == torch.float32:
+            self.packed = kernels.gemm_pack_weight_f32(self.weight.data)  # [panels, in, 64]
+            self.gemm = kernels.gemm_f32
+            self.weight = None
+        elif kernels is not None:
             gated = gated and self.out_features % 2 == 0
             self.packed = kernels.gemm_pack_weight(self.weight.data, gated)  # [panels, in / 2, 64, 2]
             self.gemm = kernels.gemm
@@ -148,9 +156,10 @@ class Linear(torch.nn.Module):
 
 
 def gemm_kernels(weight: torch.Tensor):
-    """The compiled module whose `gemm` can take this weight (bf16 on a CPU whose kernel path has the gemm, an even
-    number of input features), or None."""
-    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.shape[1] % 2:
+    """The compiled module whose gemm can take this weight on a CPU whose kernel path has the gemm: `gemm_f32` for
+    fp32, `gemm` for bf16 with an even number of input features. None otherwise."""
+    if weight.device.type != "cpu" or not (weight.dtype == torch.float32
+                                           or (weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0)):
         return None
     from batchllm.model.cpu_kernels import has_bf16_kernels, load_cpu_kernels
 

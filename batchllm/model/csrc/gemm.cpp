@@ -6,6 +6,8 @@
 //   pack_weight(w [N, K], gated) -> packed [P, K/2, 64, 2]   P = ceil(N / 64) panels of 64 output columns; columns
 //                                                            past N are zero; K must be even
 //   gemm(x [M, K], packed, n, bias [n] or None, gated) -> [M, n], or [M, n/2] when gated
+//   pack_weight_f32(w [N, K] fp32) -> packed [P, K, 64]      fp32 weights (dtype=float32), every vector build
+//   gemm_f32(x [M, K] fp32, packed, n, bias) -> [M, n] fp32  fp32 FMAs, each output the sum over k in order
 //
 // gated: w is a fused [gate; up] projection [2I, K] (the MLP's gate_up). Each panel then holds 32 gate columns and the
 // 32 up columns of the same features (P = ceil(I / 32)), and the tile's epilogue writes bf16(silu(gate) * up) with the
@@ -22,11 +24,12 @@
 // chain of `vdpbf16ps` over j = 0 .. K/2-1, whatever the number of rows, the tile it falls in or the thread count:
 // a row's result does not depend on the rest of the batch (tests check this bit for bit).
 //
-// Work: rows are cut into blocks whose x rows stay in L2 (ROW_BLOCK_BYTES), each block into tiles of nearly equal
-// height <= MR; the items (row block, panel) are split over torch's threads, whole, and the few left over when they
-// do not divide evenly are split by tiles, so no thread waits on another's extra panel. While a thread works on a
-// panel, its tiles prefetch the thread's next panel into L2, a few lines per step (a burst would stall on the miss
-// buffers), so a decode step's small batch streams the weights instead of waiting on each panel.
+// Work (`for_tiles`, both products): rows are cut into blocks whose x rows stay in L2 (ROW_BLOCK_BYTES), each block
+// into tiles of nearly equal height <= MR; the items (row block, panel) are split over torch's threads, whole, and
+// the few left over when they do not divide evenly are split by tiles, so no thread waits on another's extra panel.
+// While a thread works on a panel, its tiles prefetch the thread's next panel into L2, a few lines per step (a burst
+// would stall on the miss buffers), so a decode step's small batch streams the weights instead of waiting on each
+// panel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -227,6 +230,117 @@ void tile_rows(int64_t rows, const XRow* x, int64_t ldx, const void* w, int64_t 
 }
 #endif
 
+// fp32 weights (dtype=float32, the exact dtype): panels of 64 columns [P, K, 64] fp32, each row k the 64 columns' k-th
+// weights, and fp32 FMAs in every vector build. A tile is R rows x CGF column groups of one panel; every output is
+// the chain of FMAs over k = 0 .. K-1 in order, whatever the batch.
+using VF = vec::Best;
+constexpr int GNF = VF::N;                 // columns of one group (one vector)
+constexpr int CGF = VF::N == 16 ? 4 : 2;   // groups per tile: R x CGF accumulators, CGF weights and a broadcast
+constexpr int64_t GROUPS_F = COLS / GNF;   // groups per panel
+
+template <int R>
+void f32w_tile(const float* x, int64_t ldx, const float* panel, int64_t K, int64_t g0, const float* bias, float* c,
+               int64_t ldc, int64_t ncols, const char* pf, int64_t pf_lines) {
+  VF acc[R][CGF];
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < CGF; ++g) acc[i][g] = VF::zero();
+  int64_t spread = 0;  // Bresenham: pf_lines prefetches evenly over K
+  for (int64_t k = 0; k < K; ++k) {
+    spread += pf_lines;
+    while (spread >= K) {
+      spread -= K;
+      _mm_prefetch(pf, _MM_HINT_T1);
+      pf += 64;
+    }
+    VF w[CGF];
+    for (int g = 0; g < CGF; ++g) w[g] = VF::load(panel + k * COLS + (g0 + g) * GNF);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const VF xk = VF::set1(x[i * ldx + k]);
+      for (int g = 0; g < CGF; ++g) acc[i][g] = VF::fma(xk, w[g], acc[i][g]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < CGF; ++g) {
+      const int64_t col = (g0 + g) * GNF, n = std::min<int64_t>(GNF, ncols - col);
+      if (n <= 0) break;
+      VF y = acc[i][g];
+      if (bias != nullptr) y = y + VF::load(bias + col);  // padded to whole panels
+      y.store(c + i * ldc + col, n);
+    }
+}
+
+// The tiles of `rows` (<= MR) rows over one panel's column tiles.
+void f32w_rows(int64_t rows, const float* x, int64_t ldx, const float* panel, int64_t K, const float* bias, float* c,
+               int64_t ldc, int64_t ncols, const char* pf, int64_t pf_lines) {
+  constexpr int64_t tiles = GROUPS_F / CGF;
+  for (int64_t t = 0; t < tiles && t * CGF * GNF < ncols; ++t) {
+    const char* tpf = pf == nullptr ? nullptr : pf + 64 * (pf_lines * t / tiles);
+    const int64_t tl = pf_lines * (t + 1) / tiles - pf_lines * t / tiles;
+    auto call = [&](auto r) {
+      f32w_tile<decltype(r)::value>(x, ldx, panel, K, t * CGF, bias, c, ldc, ncols, tpf, tl);
+    };
+    switch (rows) {
+      case 1: call(std::integral_constant<int, 1>{}); break;
+      case 2: call(std::integral_constant<int, 2>{}); break;
+      case 3: call(std::integral_constant<int, 3>{}); break;
+      case 4: call(std::integral_constant<int, 4>{}); break;
+      case 5: call(std::integral_constant<int, 5>{}); break;
+      default: call(std::integral_constant<int, MR>{});
+    }
+  }
+}
+
+// Runs tile(rows, m0, p, pf, pf_lines) for every tile of an M-row product over P panels (`panel_bytes` each, from
+// `weights`, x rows of `x_bytes`): rows m0 .. m0 + rows - 1 of panel p, while prefetching pf_lines 64-byte lines from
+// pf (the calling thread's next panel). The split is the header's "Work".
+template <class Tile>
+void for_tiles(int64_t M, int64_t P, int64_t x_bytes, const char* weights, int64_t panel_bytes, const Tile& tile) {
+  // Row blocks of nearly equal size: as few as keep a block's x rows within ROW_BLOCK_BYTES (each block streams the
+  // whole weight once), and at least as many as give every thread an item when the panels are fewer than threads.
+  const int64_t threads = at::get_num_threads();
+  const int64_t cap = std::max<int64_t>(MR, ROW_BLOCK_BYTES / x_bytes);
+  const int64_t blocks = std::min((M + MR - 1) / MR, std::max((M + cap - 1) / cap, (threads + P - 1) / P));
+  const int64_t block = ((M + blocks - 1) / blocks + MR - 1) / MR * MR;
+  const int64_t num_blocks = (M + block - 1) / block;
+  const int64_t panel_lines = panel_bytes / 64;
+  // Tiles t0 .. t1 - 1 of item (row block, panel), of `tiles` in all; prefetches a share of `next` (a panel, or null).
+  auto run = [&](int64_t item, int64_t t0, int64_t t1, const char* next) {
+    const int64_t rb = item / P, p = item % P;
+    const int64_t r0 = rb * block, rn = std::min(block, M - r0);
+    const int64_t tiles = (rn + MR - 1) / MR, t_end = std::min(t1, tiles);
+    int64_t m0 = r0, left = rn;
+    for (int64_t t = 0; t < t_end; ++t) {
+      const int64_t rows = (left + (tiles - t) - 1) / (tiles - t);  // nearly equal heights
+      if (t >= t0) {
+        // this tile's share of the next panel's lines
+        const int64_t la = panel_lines * (t - t0) / (t_end - t0), lb = panel_lines * (t - t0 + 1) / (t_end - t0);
+        tile(rows, m0, p, next == nullptr ? nullptr : next + 64 * la, next == nullptr ? 0 : lb - la);
+      }
+      m0 += rows;
+      left -= rows;
+    }
+  };
+  // Each thread takes `per` whole items, then its share of the tiles of each of the `extra` items left over: with 9
+  // panels on 2 threads, 4 panels each and half the rows of the ninth (whole items alone would give 5 and 4).
+  const int64_t items = num_blocks * P, per = items / threads, extra = items - per * threads;
+  const int64_t max_tiles = (block + MR - 1) / MR;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t th = begin; th < end; ++th) {
+      const int64_t first = th * per, t0 = max_tiles * th / threads, t1 = max_tiles * (th + 1) / threads;
+      const int64_t n = t0 < t1 ? per + extra : per;  // a thread with no share of the tiles skips the extra items
+      for (int64_t i = 0; i < n; ++i) {
+        const bool whole = i < per;
+        const int64_t item = whole ? first + i : per * threads + (i - per);
+        const int64_t after = i + 1 < per ? first + i + 1 : per * threads + (i + 1 - per);  // this thread's next
+        const char* next = i + 1 < n ? weights + (after % P) * panel_bytes : nullptr;
+        if (whole) run(item, 0, max_tiles, next);
+        else run(item, t0, t1, next);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor gemm_pack_weight(const at::Tensor& w, bool gated) {
@@ -294,55 +408,55 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, con
   const bf16* wp = packed.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
 
-  // Row blocks of nearly equal size: as few as keep a block's x rows within ROW_BLOCK_BYTES (each block streams the
-  // whole weight once), and at least as many as give every thread an item when the panels are fewer than threads.
-  const int64_t threads = at::get_num_threads();
-  const int64_t cap = std::max<int64_t>(MR, ROW_BLOCK_BYTES / x_bytes);
-  const int64_t blocks = std::min((M + MR - 1) / MR, std::max((M + cap - 1) / cap, (threads + P - 1) / P));
-  const int64_t block = ((M + blocks - 1) / blocks + MR - 1) / MR * MR;
-  const int64_t num_blocks = (M + block - 1) / block;
-  const int64_t panel_lines = steps * NV;  // 64-byte lines in one panel
   const int64_t panel_values = steps * 2 * COLS;
-  // Tiles t0 .. t1 - 1 of item (row block, panel), of `tiles` in all; prefetches a share of `next` (a panel, or null).
-  auto run = [&](int64_t item, int64_t t0, int64_t t1, const bf16* next) {
-    const int64_t rb = item / P, p = item % P;
-    const int64_t r0 = rb * block, rn = std::min(block, M - r0);
-    const int64_t tiles = (rn + MR - 1) / MR, t_end = std::min(t1, tiles);
-    const bf16* panel = wp + p * panel_values;
-    const int64_t ncols = std::min<int64_t>(per_panel, width - p * per_panel);
-    int64_t m0 = r0, left = rn;
-    for (int64_t t = 0; t < t_end; ++t) {
-      const int64_t rows = (left + (tiles - t) - 1) / (tiles - t);  // nearly equal heights
-      if (t >= t0) {
-        // this tile's share of the next panel's lines
-        const int64_t la = panel_lines * (t - t0) / (t_end - t0), lb = panel_lines * (t - t0 + 1) / (t_end - t0);
-        tile_rows(rows, xp + m0 * ldx, ldx, panel, steps, bp == nullptr ? nullptr : bp + p * COLS,
-                  op + m0 * width + p * per_panel, width, ncols,
-                  next == nullptr ? nullptr : reinterpret_cast<const char*>(next) + 64 * la,
-                  next == nullptr ? 0 : lb - la, gated);
-      }
-      m0 += rows;
-      left -= rows;
-    }
-  };
-  // Each thread takes `per` whole items, then its share of the tiles of each of the `extra` items left over: with 9
-  // panels on 2 threads, 4 panels each and half the rows of the ninth (whole items alone would give 5 and 4).
-  const int64_t items = num_blocks * P, per = items / threads, extra = items - per * threads;
-  const int64_t max_tiles = (block + MR - 1) / MR;
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t th = begin; th < end; ++th) {
-      const int64_t first = th * per, t0 = max_tiles * th / threads, t1 = max_tiles * (th + 1) / threads;
-      const int64_t n = t0 < t1 ? per + extra : per;  // a thread with no share of the tiles skips the extra items
-      for (int64_t i = 0; i < n; ++i) {
-        const bool whole = i < per;
-        const int64_t item = whole ? first + i : per * threads + (i - per);
-        const int64_t after = i + 1 < per ? first + i + 1 : per * threads + (i + 1 - per);  // this thread's next
-        const bf16* next = i + 1 < n ? wp + (after % P) * panel_values : nullptr;
-        if (whole) run(item, 0, max_tiles, next);
-        else run(item, t0, t1, next);
-      }
-    }
-  });
+  for_tiles(M, P, x_bytes, reinterpret_cast<const char*>(wp), panel_values * 2,
+            [&](int64_t rows, int64_t m0, int64_t p, const char* pf, int64_t pf_lines) {
+              const int64_t ncols = std::min<int64_t>(per_panel, width - p * per_panel);
+              tile_rows(rows, xp + m0 * ldx, ldx, wp + p * panel_values, steps,
+                        bp == nullptr ? nullptr : bp + p * COLS, op + m0 * width + p * per_panel, width, ncols, pf,
+                        pf_lines, gated);
+            });
+  return out;
+}
+
+at::Tensor gemm_pack_weight_f32(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(), "pack_weight_f32: fp32 [N, K] on CPU");
+  const int64_t N = w.size(0), K = w.size(1), P = (N + COLS - 1) / COLS;
+  TORCH_CHECK(K > 0, "pack_weight_f32: K must be positive");
+  at::Tensor out = at::zeros({P * COLS, K}, w.options());  // rows past N stay zero
+  out.narrow(0, 0, N).copy_(w);
+  return out.view({P, COLS, K}).transpose(1, 2).contiguous();  // [P, K, 64]
+}
+
+at::Tensor gemm_f32(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat && packed.dim() == 3 &&
+                  packed.size(2) == COLS && packed.is_contiguous(),
+              "gemm_f32: fp32 x and a packed weight from pack_weight_f32");
+  const int64_t K = packed.size(1), P = packed.size(0);
+  TORCH_CHECK(x_in.size(-1) == K && n > 0 && (n + COLS - 1) / COLS == P, "gemm_f32: x [..., ", K,
+              "] and n matching the packed weight");
+  const at::Tensor x = x_in.reshape({-1, K}).contiguous();  // [M, K]
+  const int64_t M = x.size(0);
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = n;
+  at::Tensor out = at::empty(shape, x_in.options());  // [..., n]
+  if (M == 0) return out;
+  at::Tensor b32;  // bias padded to whole panels
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n, "gemm_f32: bias of ", n, " values");
+    b32 = at::zeros({P * COLS}, x_in.options());
+    b32.narrow(0, 0, n).copy_(bias->reshape({n}));
+  }
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t panel_values = K * COLS;
+  for_tiles(M, P, 4 * K, reinterpret_cast<const char*>(wp), panel_values * 4,
+            [&](int64_t rows, int64_t m0, int64_t p, const char* pf, int64_t pf_lines) {
+              f32w_rows(rows, xp + m0 * K, K, wp + p * panel_values, K, bp == nullptr ? nullptr : bp + p * COLS,
+                        op + m0 * n + p * COLS, n, std::min<int64_t>(COLS, n - p * COLS), pf, pf_lines);
+            });
   return out;
 }
 
@@ -404,6 +518,14 @@ at::Tensor gemm_pack_weight(const at::Tensor&, bool) {
 }
 at::Tensor gemm(const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&, bool) {
   TORCH_CHECK(false, "the bf16 gemm needs a CPU with AVX2 or AVX-512");
+  return {};
+}
+at::Tensor gemm_pack_weight_f32(const at::Tensor&) {
+  TORCH_CHECK(false, "the fp32 gemm needs a CPU with AVX2 or AVX-512");
+  return {};
+}
+at::Tensor gemm_f32(const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "the fp32 gemm needs a CPU with AVX2 or AVX-512");
   return {};
 }
 
