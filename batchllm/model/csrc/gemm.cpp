@@ -39,6 +39,7 @@
 #include <chrono>
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "vec.h"
@@ -64,6 +65,20 @@ int64_t source_row(int64_t p, int64_t j, int64_t N, bool gated) {
 }
 
 
+// Bresenham: `lines` prefetches (64-byte lines into L2, from pf on) spread evenly over a tile's `steps` steps.
+struct SpreadPrefetch {
+  const char* pf;
+  int64_t lines, steps, acc = 0;
+  void step() {
+    acc += lines;
+    while (acc >= steps) {
+      acc -= steps;
+      _mm_prefetch(pf, _MM_HINT_T1);
+      pf += 64;
+    }
+  }
+};
+
 #ifdef BATCHLLM_HAS_BF16_KERNEL
 using XRow = uint32_t;  // x as bf16 pairs
 
@@ -75,16 +90,11 @@ void tile(const uint32_t* x, int64_t ldx, const __m512i* w, int64_t steps, const
   __m512 acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
-  int64_t spread = 0;  // Bresenham: pf_lines prefetches evenly over `steps`
+  SpreadPrefetch prefetch{pf, pf_lines, steps};
   for (int64_t j = 0; j < steps; ++j) {
     __m512i wv[NV];
     for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + NV * j + v);  // [16 columns x 2]
-    spread += pf_lines;
-    while (spread >= steps) {
-      spread -= steps;
-      _mm_prefetch(pf, _MM_HINT_T1);
-      pf += 64;
-    }
+    prefetch.step();
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[i * ldx + j]));  // x[i][2j], x[i][2j+1]
@@ -162,15 +172,10 @@ void f32tile(const float* x, int64_t ldx, const bf16* panel, int64_t steps, cons
   V acc[R][CG];
   for (int i = 0; i < R; ++i)
     for (int g = 0; g < CG; ++g) acc[i][g] = V::zero();
-  int64_t spread = 0;
+  SpreadPrefetch prefetch{pf, pf_lines, steps};
   for (int64_t j = 0; j < steps; ++j) {
     const bf16* wj = panel + j * 2 * COLS;
-    spread += pf_lines;
-    while (spread >= steps) {
-      spread -= steps;
-      _mm_prefetch(pf, _MM_HINT_T1);
-      pf += 64;
-    }
+    prefetch.step();
     // Even k for every row, then odd k: each accumulator gets the same FMAs in the same order as one row at a
     // time would give, but only CG weight vectors are live at once (with both halves, the AVX2 tile needed 17
     // registers and spilled). The odd half reads the pairs again (an L1 hit).
@@ -244,14 +249,9 @@ void f32w_tile(const float* x, int64_t ldx, const float* panel, int64_t K, int64
   VF acc[R][CGF];
   for (int i = 0; i < R; ++i)
     for (int g = 0; g < CGF; ++g) acc[i][g] = VF::zero();
-  int64_t spread = 0;  // Bresenham: pf_lines prefetches evenly over K
+  SpreadPrefetch prefetch{pf, pf_lines, K};
   for (int64_t k = 0; k < K; ++k) {
-    spread += pf_lines;
-    while (spread >= K) {
-      spread -= K;
-      _mm_prefetch(pf, _MM_HINT_T1);
-      pf += 64;
-    }
+    prefetch.step();
     VF w[CGF];
     for (int g = 0; g < CGF; ++g) w[g] = VF::load(panel + k * COLS + (g0 + g) * GNF);
 #pragma GCC unroll 8
@@ -341,6 +341,13 @@ void for_tiles(int64_t M, int64_t P, int64_t x_bytes, const char* weights, int64
   });
 }
 
+// x [..., K] as contiguous rows [M, K], and an uninitialised output [..., width] with x's options.
+std::pair<at::Tensor, at::Tensor> rows_and_output(const at::Tensor& x_in, int64_t K, int64_t width) {
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = width;
+  return {x_in.reshape({-1, K}).contiguous(), at::empty(shape, x_in.options())};
+}
+
 }  // namespace
 
 at::Tensor gemm_pack_weight(const at::Tensor& w, bool gated) {
@@ -379,11 +386,8 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, con
   const int64_t width = gated ? n / 2 : n;  // output columns
   TORCH_CHECK(x_in.size(-1) == K && n > 0 && (!gated || n % 2 == 0) && (width + per_panel - 1) / per_panel == P,
               "gemm: x [..., ", K, "] and n matching the packed weight");
-  const at::Tensor x = x_in.reshape({-1, K}).contiguous();  // [M, K]
+  const auto [x, out] = rows_and_output(x_in, K, width);  // [M, K], [..., width]
   const int64_t M = x.size(0);
-  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
-  shape.back() = width;
-  at::Tensor out = at::empty(shape, x_in.options());  // [..., width]
   if (M == 0) return out;
   at::Tensor b32;  // bias in fp32, laid out as the panels' columns
   if (bias.has_value() && bias->defined()) {
@@ -435,11 +439,8 @@ at::Tensor gemm_f32(const at::Tensor& x_in, const at::Tensor& packed, int64_t n,
   const int64_t K = packed.size(1), P = packed.size(0);
   TORCH_CHECK(x_in.size(-1) == K && n > 0 && (n + COLS - 1) / COLS == P, "gemm_f32: x [..., ", K,
               "] and n matching the packed weight");
-  const at::Tensor x = x_in.reshape({-1, K}).contiguous();  // [M, K]
+  const auto [x, out] = rows_and_output(x_in, K, n);  // [M, K], [..., n]
   const int64_t M = x.size(0);
-  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
-  shape.back() = n;
-  at::Tensor out = at::empty(shape, x_in.options());  // [..., n]
   if (M == 0) return out;
   at::Tensor b32;  // bias padded to whole panels
   if (bias.has_value() && bias->defined()) {
