@@ -93,8 +93,8 @@ class Linear(torch.nn.Module):
     `pack()` moves W once into a matmul kernel's own layout and drops the plain copy (on CPU):
     - fp32 W: the project's fp32 gemm (`gemm_f32` in `csrc/gemm.cpp`: FMAs over panels of 64 columns, every output
       the sum over k in order, a row's result independent of the batch) where the kernel path has vector code (AVX2
-      and up). Against `F.linear` (MKL) on SmolLM2-135M's shapes, AVX2 path, 2 threads: 1.2-1.7x at 48-256 rows,
-      2.1-6x at 8 rows (the lm_head most);
+      and up). Against `F.linear` (MKL) on SmolLM2-135M's shapes, AVX2 path, 2 threads: 1.2-2.0x at 48-256 rows,
+      1.9-6x at 8 rows (the lm_head most);
     - bf16 W: the project's kernel (`csrc/gemm.cpp`: vdpbf16ps with AVX512-BF16, fp32 FMAs over bf16 weights on
       AVX-512F and AVX2) where it was built. A row's result is the same whatever the
       other rows of the batch, and within one bf16 step of `F.linear` (equal in all but ~0.01% of values, checked in
