@@ -117,6 +117,31 @@ def test_gated_packing_gives_silu_mul_of_the_product_bit_for_bit(inter, in_f, bi
         gated(x)
 
 
+def test_gated_epilogue_rounds_gate_and_up_sums_to_the_nearest_even_bf16(gemm_isa):
+    """The gated product rounds its fp32 gate and up sums to bf16 (to nearest, ties to even) before SiLU(gate) * up.
+    With every gate sum 64 (SiLU(64) = 64 in fp32) each output is exactly 64 * bf16(up sum); the up sums
+    a + b / 256 sit on bf16 ties (b = 1, 3), just below them (b = 0.5) and just above (b = 1.5), in [1, 2) and
+    [-4, -2), so a wrong rounding direction shows in one bit."""
+    inter = 32  # one panel
+    a = torch.tensor([1.0, 1.0078125, 1.015625, 1.0234375, -2.0, -2.03125, -3.96875, 1.9921875] * 4)  # bf16 values
+    b = torch.tensor([1.0] * 8 + [3.0] * 8 + [0.5] * 8 + [1.5] * 8)
+    w = torch.zeros(2 * inter, 2)
+    w[:inter, 0] = 64.0  # gate = 64 * x0
+    w[inter:, 0], w[inter:, 1] = a, b  # up = a x0 + b x1
+    x = torch.tensor([[1.0, 1 / 256], [1.0, -1 / 256]])  # [2 rows, K = 2]
+    up = x @ w[inter:].T  # [2, inter]: exact in fp32 (few bits)
+    expect = (up.to(BF16).float() * 64).to(BF16)
+    lin = Linear(2 * inter, 2, False, BF16, torch.device("cpu"))
+    lin.weight.data.copy_(w)
+    lin.pack(gated=True)
+    assert lin.gated
+    out = lin.silu_mul(x.to(BF16))  # [2, inter]
+    assert torch.equal(out, expect)
+    bits = up.view(torch.int32)
+    for other in (bits & -65536, (bits + 0x8000) & -65536):  # truncation, and ties away from zero, differ
+        assert not torch.equal(expect, (other.view(torch.float32) * 64).to(BF16))
+
+
 def test_gemm_packing_applies_to_cpu_weights_bf16_with_an_even_input_size_or_fp32(gemm_isa):
     assert gemm_kernels(torch.empty(4, 7, dtype=BF16)) is None  # odd K: oneDNN's packing (or none) instead
     assert gemm_kernels(torch.empty(4, 8, dtype=BF16)) is not None

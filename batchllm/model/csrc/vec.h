@@ -105,7 +105,19 @@ struct V16 {
     if (n >= N) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), raw);
     else _mm256_mask_storeu_epi16(p, tail(n), raw);
   }
-  V16 round_bf16() const { return from_raw(to_raw()); }  // fp32 -> nearest bf16 -> fp32
+  V16 round_bf16() const {  // fp32 -> nearest bf16 -> fp32
+#if defined(__AVX512BF16__)
+    return from_raw(to_raw());
+#else  // to_raw's rounding, kept in the top half of each lane (no narrowing and widening back)
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                                       _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                  _mm512_set1_epi32(0x7F800000));
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC00000)));
+#endif
+  }
   V16 round() const { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   V16 times_2n(V16 n) const { return _mm512_scalef_ps(v, n.v); }
   friend V16 operator+(V16 a, V16 b) { return _mm512_add_ps(a.v, b.v); }
@@ -183,7 +195,16 @@ struct V8 {
       std::memcpy(p, tmp, static_cast<size_t>(n) * 2);
     }
   }
-  V8 round_bf16() const { return from_raw(to_raw()); }
+  V8 round_bf16() const {  // fp32 -> nearest bf16 -> fp32: to_raw's rounding, kept in the top half of each lane
+    // (from_raw(to_raw()) narrowed and widened back across the 128-bit lanes: 0.93x of this in a gated gemm)
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+                                       _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                           _mm256_set1_epi32(0x7F800000));
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan));
+  }
   V8 round() const { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   V8 times_2n(V8 n) const {  // v * 2^n for integral n; n below -126 gives 0 (no subnormals), above 127 +inf
     const __m256 c = _mm256_max_ps(_mm256_min_ps(n.v, _mm256_set1_ps(128.f)), _mm256_set1_ps(-127.f));
