@@ -142,6 +142,30 @@ def test_gated_epilogue_rounds_gate_and_up_sums_to_the_nearest_even_bf16(gemm_is
         assert not torch.equal(expect, (other.view(torch.float32) * 64).to(BF16))
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_prefetching_the_next_weight_changes_no_result_and_only_takes_a_packed_weight(dtype, gemm_isa):
+    """`Linear.chain`: a projection prefetches its successor's first panels; the product is the same bits with and
+    without, for plain and gated packing, and the kernel refuses a `next` that is not a packed weight."""
+    gen = torch.Generator().manual_seed(7)
+    first, gate_up, down = make_linear(96, 64, True, dtype, 1), make_linear(256, 96, False, dtype, 2), \
+        make_linear(64, 128, False, dtype, 3)
+    first.pack()
+    gate_up.pack(gated=True)
+    down.pack()
+    for rows in (1, 7, 300):
+        x = torch.randn(rows, 64, generator=gen).to(dtype)  # [rows, 64]
+        alone = first(x)  # [rows, 96]
+        hidden = gate_up.silu_mul(alone) if gate_up.gated else gate_up(alone)  # [rows, 128 or 256]
+        first.chain(gate_up)
+        gate_up.chain(down)
+        assert first.next_packed is gate_up.packed and gate_up.next_packed is down.packed
+        assert torch.equal(first(x), alone)
+        assert torch.equal(gate_up.silu_mul(alone) if gate_up.gated else gate_up(alone), hidden)
+        first.next_packed = gate_up.next_packed = None
+    with pytest.raises(RuntimeError, match="packed weight"):
+        first.gemm(x, first.packed, 96, None, next=torch.zeros(64, 96, dtype=dtype))
+
+
 def test_gemm_packing_applies_to_cpu_weights_bf16_with_an_even_input_size_or_fp32(gemm_isa):
     assert gemm_kernels(torch.empty(4, 7, dtype=BF16)) is None  # odd K: oneDNN's packing (or none) instead
     assert gemm_kernels(torch.empty(4, 8, dtype=BF16)) is not None
@@ -235,6 +259,10 @@ def test_a_loaded_bf16_model_packs_every_projection_and_keeps_the_tied_embedding
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(linears) == 4 * model.cfg.num_layers + 1
     assert all(m.packed is not None and m.weight is None for m in linears)
+    # each projection prefetches the one a step multiplies after it; the head's successor is the next step's first
+    order = [lin for layer in model.layers for lin in (layer.attn.qkv, layer.attn.o_proj, layer.gate_up, layer.down)]
+    order.append(model.lm_head)
+    assert all(m.next_packed is following.packed for m, following in zip(order, order[1:] + order[:1]))
     assert all(layer.attn.qkv.bias is not None for layer in model.layers)  # the biases are kept, in plain form
     checkpoint = load_file(str(tiny_qwen2 / "model.safetensors"))
     assert torch.equal(model.embed, checkpoint["model.embed_tokens.weight"].to(BF16))

@@ -178,6 +178,11 @@ class DecoderModel(torch.nn.Module):
         for layer in self.layers:
             layer.pack()
         self.lm_head.pack()
+        # the order a step multiplies them in (the lm_head's rows come after the last layer's, then the next step)
+        order = [lin for layer in self.layers for lin in (layer.attn.qkv, layer.attn.o_proj, layer.gate_up, layer.down)]
+        order.append(self.lm_head)
+        for linear, following in zip(order, order[1:] + order[:1]):
+            linear.chain(following)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:

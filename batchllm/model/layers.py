@@ -116,12 +116,13 @@ class Linear(torch.nn.Module):
         self.packed: torch.Tensor | None = None  # W in the packing kernel's layout, once packed
         self.gemm = None  # the project's kernel when it packed W; None for oneDNN
         self.gated = False  # packed by the project's kernel as a fused [gate; up] projection: see `silu_mul`
+        self.next_packed: torch.Tensor | None = None  # the packed weight a step multiplies next: see `chain`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             raise RuntimeError("a gated-packed projection gives silu(gate) * up only: call silu_mul")
         if self.gemm is not None:
-            return self.gemm(x, self.packed, self.out_features, self.bias)  # [..., out]
+            return self.gemm(x, self.packed, self.out_features, self.bias, next=self.next_packed)  # [..., out]
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # [..., out]
         return F.linear(x, self.weight, self.bias)  # [..., out]
@@ -149,10 +150,19 @@ class Linear(torch.nn.Module):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 16)
             self.weight = None
 
+    def chain(self, following: "Linear") -> None:
+        """Name the projection a step multiplies after this one. Where both run in the project's gemm, each thread
+        prefetches its first panel of `following`'s weight while this product ends, so the next call starts on
+        cached weights instead of waiting on memory (weights come from memory every step: a model's are larger
+        than the caches). Changes no result. SmolLM2-135M decode steps, AVX2 path, 2 threads: 1.01x at 48 rows,
+        1.03x at 8 (Zen 5; natively 1.00x)."""
+        if self.gemm is not None and following.gemm is not None:
+            self.next_packed = following.packed
+
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """For a gated-packed [gate; up] projection: bf16(bf16(silu(gate)) * up) of x's product, [..., I]; the same
         bits as the fused op `silu_mul` applied to the plain product, without writing the [..., 2I] product."""
-        return self.gemm(x, self.packed, self.out_features, self.bias, True)  # [..., I]
+        return self.gemm(x, self.packed, self.out_features, self.bias, True, self.next_packed)  # [..., I]
 
 
 def gemm_kernels(weight: torch.Tensor):
