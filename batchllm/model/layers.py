@@ -150,7 +150,7 @@ class Linear(torch.nn.Module):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 16)
             self.weight = None
 
-    def chain(self, following: "Linear") -> None:
+    def chain(self, following: Linear) -> None:
         """Name the projection a step multiplies after this one. Where both run in the project's gemm, each thread
         prefetches its first panel of `following`'s weight while this product ends, so the next call starts on
         cached weights instead of waiting on memory (weights come from memory every step: a model's are larger
