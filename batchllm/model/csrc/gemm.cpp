@@ -28,7 +28,7 @@
 // Work (`for_tiles`, both products): rows are cut into blocks whose x rows stay in L2 (ROW_BLOCK_BYTES), each block
 // into tiles of nearly equal height <= MR; the items (row block, panel) are split over torch's threads, whole, and
 // the few left over when they do not divide evenly are split by tiles, so no thread waits on another's extra panel.
-// While a thread works on a panel, its tiles prefetch the thread's next panel into L2, a few lines per step (a burst
+// While a thread works on a panel, its tiles prefetch the thread's next panel (into L1), a few lines per step (a burst
 // would stall on the miss buffers), so a decode step's small batch streams the weights instead of waiting on each
 // panel. Given the weight of the product that comes next (`next`: the layer's next projection, see Linear.chain),
 // each thread's last panel prefetches its first panel of that call (a model's weights pass through memory every
@@ -68,7 +68,9 @@ int64_t source_row(int64_t p, int64_t j, int64_t N, bool gated) {
 }
 
 
-// Bresenham: `lines` prefetches (64-byte lines into L2, from pf on) spread evenly over a tile's `steps` steps.
+// Bresenham: `lines` prefetches (64-byte lines, from pf on) spread evenly over a tile's `steps` steps. Into L1 (T0):
+// with cold weights 1.00-1.14x over L2 only (T1; kernel_ab.py --gemm --cold, Zen 5: most at 1-8 rows, 1.02-1.03x
+// at 48 on AVX2, never slower beyond noise).
 struct SpreadPrefetch {
   const char* pf;
   int64_t lines, steps, acc = 0;
@@ -76,7 +78,7 @@ struct SpreadPrefetch {
     acc += lines;
     while (acc >= steps) {
       acc -= steps;
-      _mm_prefetch(pf, _MM_HINT_T1);
+      _mm_prefetch(pf, _MM_HINT_T0);
       pf += 64;
     }
   }
@@ -86,7 +88,7 @@ struct SpreadPrefetch {
 using XRow = uint32_t;  // x as bf16 pairs
 
 // One tile: rows x[0 .. R-1] (row stride ldx pairs) times one panel over `steps` pairs, written to c (row stride
-// ldc) as bf16, columns [0, ncols) of the panel. Meanwhile prefetches `pf_lines` lines from `pf` into L2.
+// ldc) as bf16, columns [0, ncols) of the panel. Meanwhile prefetches `pf_lines` lines from `pf`.
 template <int R>
 void tile(const uint32_t* x, int64_t ldx, const __m512i* w, int64_t steps, const float* bias, bf16* c, int64_t ldc,
           int64_t ncols, const char* pf, int64_t pf_lines, bool gated) {
