@@ -173,8 +173,9 @@ class DecoderModel(torch.nn.Module):
 
     def pack_weights(self) -> None:
         """Called once the weights are loaded: move every projection and the lm_head into the matmul library's
-        packed layout where that applies (`Linear.pack`: bf16 on CPU). With tied embeddings the head then keeps
-        its own copy (vocab x hidden more memory); the embedding lookup keeps the plain table."""
+        packed layout where that applies (`Linear.pack`: bf16 on CPU), and link each to the one a step multiplies
+        next (`Linear.chain`: a prefetch). With tied embeddings the head then keeps its own copy (vocab x hidden
+        more memory); the embedding lookup keeps the plain table."""
         for layer in self.layers:
             layer.pack()
         self.lm_head.pack()
