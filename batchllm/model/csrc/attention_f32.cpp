@@ -268,7 +268,12 @@ void run_task(int64_t part, int64_t h, int64_t row0, int64_t R, Buffers& B, cons
       // every key of the block visible to every row of the tile (its padding rows' results are never read): the
       // scores stand as they are
       if (B.tile_lo[tile] <= first + j0 && first + j0 + nb - 1 <= B.tile_qpos[tile]) {
-        for (int64_t b = 0; b < nb; ++b) mx = V::max(mx, V::load(B.st.data() + b * RP + tile * N));
+        V mx4[4] = {mx, mx, mx, mx};  // four chains: a max's latency, not one max per key in turn
+        int64_t b = 0;
+        for (; b + 4 <= nb; b += 4)
+          for (int c = 0; c < 4; ++c) mx4[c] = V::max(mx4[c], V::load(B.st.data() + (b + c) * RP + tile * N));
+        for (; b < nb; ++b) mx4[0] = V::max(mx4[0], V::load(B.st.data() + b * RP + tile * N));
+        mx = V::max(V::max(mx4[0], mx4[1]), V::max(mx4[2], mx4[3]));
       } else {
         const V qpos = V::load(B.qpos.data() + tile * N), lo = V::load(B.lo.data() + tile * N);
         for (int64_t b = 0; b < nb; ++b) {
