@@ -196,7 +196,7 @@ struct V8 {
     }
   }
   V8 round_bf16() const {  // fp32 -> nearest bf16 -> fp32: to_raw's rounding, kept in the top half of each lane
-    // (from_raw(to_raw()) narrowed and widened back across the 128-bit lanes: 0.93x of this in a gated gemm)
+    // (from_raw(to_raw()) narrowed and widened back across the 128-bit lanes: rms_norm ran 0.90x and silu_mul 0.85x)
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
