@@ -355,7 +355,7 @@ def greedy_tokens(x: torch.Tensor) -> torch.Tensor:
     values. bf16 logits on a CPU whose kernel path has the bf16 kernels take one fused pass (0.17 ms for 128 x 32000
     on Zen 5 with AVX-512, against 3.1 ms for converting and ``torch.argmax``); other inputs are converted to fp32
     first (torch's argmax of bf16 is slower still on CPU). Returns [B] int64."""
-    kernels = load_fused_ops(x.dtype, x.device)
+    kernels = load_fused_ops(x.dtype, x.device) if x.dtype == torch.bfloat16 else None
     if kernels is not None and x.shape[1] > 0:
         return kernels.argmax_rows(x.contiguous())
     return torch.argmax(x.float(), dim=-1)

@@ -4,7 +4,9 @@ KV pressure."""
 import random
 
 import pytest
-from hf_reference import hf_greedy
+import torch
+from hf_reference import hf_greedy, hf_logprobs
+from kernel_paths import isa_params
 
 from batchllm import LLM, SamplingParams
 from batchllm.prefix import plan_batch
@@ -70,6 +72,28 @@ def test_every_policy_matches_hf(tiny_llama, workload, llama_reference, policy, 
         assert stats["computed_prompt_tokens"] == stats["plan"]["plan_tokens"] < logical
         ends = [n.end for n in plan_batch(workload, 4).nodes]
         assert sum(e % 4 != 0 for e in ends) >= 3  # nodes that end mid-block: sequences below start mid-block
+
+
+@pytest.mark.parametrize("isa", isa_params(need_bf16=True))
+def test_fp32_on_every_vector_kernel_path_runs_the_fused_ops_and_matches_hf(tiny_llama, workload, llama_reference,
+                                                                            isa, monkeypatch):
+    """dtype=float32 on each kernel path with vector kernels: the fused fp32 element-wise ops (norms, residual
+    adds, rotary + cache write, SiLU * up, the merge) run, the tokens are HF's and the logprobs HF's fp32
+    log-softmax to 1e-5."""
+    monkeypatch.setenv("BATCHLLM_ISA", isa)
+    llm = LLM(str(tiny_llama), dtype="float32", kv_cache_memory_bytes=8 << 20, block_size=4,
+              max_num_batched_tokens=16)
+    assert llm.runner.model.kernels is not None and llm.runner.model.kernels.isa() == isa
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in workload], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == llama_reference
+    for prompt, out in list(zip(workload, outs))[:4]:
+        o = out.outputs[0]
+        ref = hf_logprobs(str(tiny_llama), prompt + o.token_ids)  # [L, V]
+        errors = [abs(entry[tok] - ref[len(prompt) - 1 + i, tok].item())
+                  for i, (tok, entry) in enumerate(zip(o.token_ids, o.logprobs))]
+        assert max(errors) < 1e-5, errors
+    assert llm.runner.model.dtype == torch.float32
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_mistral", "tiny_llama_mqa", "tiny_llama3_rope"])

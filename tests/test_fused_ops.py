@@ -1,4 +1,5 @@
-"""The fused bf16 CPU ops against the torch ops they replace (same inputs, same roundings up to one bf16 step)."""
+"""The fused CPU ops against the torch ops they replace: in bf16 the same roundings up to one bf16 step, in fp32
+within a few fp32 ulps."""
 
 from __future__ import annotations
 
@@ -131,6 +132,96 @@ def test_merge_of_single_cover_rows_is_the_torch_placement_bit_for_bit(kernels):
     expect = _merge([out.to(BF16)], [lse], meta, torch.zeros(t, h, d, dtype=BF16))
     assert torch.equal(kernels.merge(out, lse, meta.merge_index), expect)
     assert torch.equal(expect[3], out[0].to(BF16))  # part 0 holds row 3
+
+
+def ulps32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance between two fp32 tensors in units of the fp32 spacing at b's magnitude."""
+    a, b = a.double(), b.double()
+    spacing = torch.exp2(torch.floor(torch.log2(b.abs().clamp_min(1e-30))) - 23)
+    return (a - b).abs() / spacing
+
+
+def randn32(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_fp32_rms_norm_and_add_rms_norm_are_torch_within_4_ulps(kernels):
+    """fp32 (dtype=float32): no bf16 rounding anywhere; only the sum of squares runs in another order than torch's
+    mean, which moves the row's scale by an ulp or two."""
+    x, delta, w = randn32(37, 576, seed=1, scale=3.0), randn32(37, 576, seed=2), randn32(576, seed=3)
+    out = kernels.rms_norm(x, w, 1e-5)
+    assert out.dtype == torch.float32
+    assert ulps32(out, rms_norm(x, w, 1e-5)).max().item() <= 4
+    xx = x.clone()
+    h = kernels.add_rms_norm(xx, delta, w, 1e-5)
+    assert torch.equal(xx, x + delta)  # the residual add in place, exactly torch's
+    assert ulps32(h, rms_norm(x + delta, w, 1e-5)).max().item() <= 4
+    assert not torch.equal(out, rms_norm(x.to(BF16), w.to(BF16), 1e-5).float())  # no bf16 on the way
+
+
+def test_fp32_silu_mul_is_within_2e_6_of_exact_silu_times_up(kernels):
+    gu = randn32(11, 2 * 1536, seed=6, scale=4.0)
+    gate, up = gu.chunk(2, dim=-1)
+    out = kernels.silu_mul(gu)
+    assert out.dtype == torch.float32 and out.shape == (11, 1536)
+    # SiLU's exp carries the rounding of its argument x * log2(e): relative errors up to 1e-6 where the gate is near
+    # -15 (SiLU ~1e-5 there), a few ulps elsewhere; torch's is within 1.3e-7 of float64
+    expect = F.silu(gate.double()) * up.double()
+    assert ((out.double() - expect).abs() / expect.abs()).max().item() < 2e-6
+    assert (ulps32(out, F.silu(gate) * up) <= 4).float().mean().item() > 0.98  # measured 0.991
+    big = torch.tensor([[-1e4, -100.0, -89.0, 0.0, 3.0, 2.0, 2.0, 2.0, 2.0, 2.0]])  # gates, then ups
+    assert torch.equal(kernels.silu_mul(big)[0, :3], torch.zeros(3))  # exp(-gate) overflows: 0, not NaN
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 1, 32)])
+def test_fp32_rope_write_kv_is_torch_within_2_ulps_and_writes_the_exact_rows(heads, kv_heads, d, kernels):
+    t, blocks, bs = 13, 6, 4
+    table = RotaryTable(RopeConfig(theta=10000.0), d, 64, torch.float32, torch.device("cpu"))
+    qkv = randn32(t, (heads + 2 * kv_heads) * d, seed=7)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k, v = q.view(t, heads, d), k.view(t, kv_heads, d), v.view(t, kv_heads, d)  # strided views, as in the model
+    positions = torch.tensor([0, 1, 2, 3, 63, 5, 6, 7, 8, 9, 10, 11, 40])
+    slots = torch.tensor([3, 0, -1, 7, 23, 1, 2, 4, 5, 6, 8, 9, 10])
+    eq, ek = apply_rotary(q.clone(), k.clone(), *table.lookup(positions))
+    ev = v.clone()
+    cache = torch.zeros(2, blocks, bs, kv_heads, d)
+    kernels.rope_write_kv(q, k, v, table.cos, table.sin, positions, cache.view(2, -1, kv_heads, d), slots)
+    # x1 cos - x2 sin as one FMA: torch rounds each product; the results differ in the last bit or two
+    assert (q - eq).abs().max().item() <= 2 * 2**-23 * eq.abs().max().item()
+    assert (k - ek).abs().max().item() <= 2 * 2**-23 * ek.abs().max().item()
+    flat = cache.view(2, -1, kv_heads, d)
+    for row, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(flat[0, slot], k[row]) and torch.equal(flat[1, slot], ev[row])
+    written = torch.zeros(blocks * bs, dtype=torch.bool)
+    written[slots[slots >= 0]] = True
+    assert not flat[:, ~written].any()
+
+
+def test_fp32_merge_is_the_exact_merge_within_4_ulps_and_places_single_rows_bit_for_bit(kernels):
+    rng = np.random.default_rng(0)
+    t, h, d = 6, 4, 32
+    parts = [AttnPart(np.array([0, 1, 2]), [0], 0, 4), AttnPart(np.array([0]), [1], 4, 2),
+             AttnPart(np.array([1, 3, 4, 5]), [2], 4, 3), AttnPart(np.array([2, 5]), [3], 8, 1)]
+    meta = AttentionMetadata.build(parts, np.full(t, 20), np.arange(t), 16, torch.device("cpu"),
+                                   ragged_max_queries=0)
+    n = len(meta.merge_rows)
+    out = torch.from_numpy(rng.standard_normal((n, h, d)).astype(np.float32))
+    lse = torch.from_numpy(rng.standard_normal((n, h)).astype(np.float32) * 3)
+    got = kernels.merge(out, lse, meta.merge_index, True)
+    assert got.dtype == torch.float32 and got.shape == (t, h, d)
+    exact = (out.double()[meta.merge_index.clamp_max(n - 1)] * torch.softmax(
+        torch.cat([lse, torch.full((1, h), float("-inf"))]).double()[meta.merge_index], dim=1)[..., None]).sum(1)
+    # float64 reference; a merged value can be a near-cancelling sum, so the error is measured against the inputs'
+    # scale (|out| <= 4.5 here)
+    assert (got.double() - exact).abs().max().item() <= 4 * 2**-23 * out.abs().max().item()
+    single = [AttnPart(np.array([r]), [r], 0, 5 + r) for r in (3, 0, 6, 1, 5, 2, 4)]
+    meta = AttentionMetadata.build(single, np.full(7, 30), np.arange(7), 16, torch.device("cpu"),
+                                   ragged_max_queries=0)
+    out = torch.from_numpy(rng.standard_normal((7, h, d)).astype(np.float32))
+    lse = torch.from_numpy(rng.standard_normal((7, h)).astype(np.float32))
+    expect = _merge([out], [lse], meta, torch.zeros(7, h, d))
+    assert torch.equal(kernels.merge(out, lse, meta.merge_index, True), expect)
 
 
 @pytest.mark.parametrize("vocab", [1, 5, 31, 32, 33, 100, 32000, 151936])

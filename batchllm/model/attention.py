@@ -75,8 +75,8 @@ def paged_attention(
         qk = q if q.stride(2) == 1 and q.stride(1) == d else q.contiguous()  # rows may be strided (views of qkv)
         out, lse = r.attend(qk, kv_cache.view(2, -1, n_kv, d), r.q_ptr, r.q_rows, r.kv_ptr, r.kv_slots,
                             r.kv_start, r.q_pos, meta.window, scale)  # [NQ, H, D] fp32, [NQ, H] fp32
-        if not outs and q.dtype == torch.bfloat16 and r.merge_bf16 is not None:  # the fused merge (or placement)
-            return r.merge_bf16(out, lse, meta.merge_index)  # [T, H, D] bf16
+        if not outs and q.dtype in (torch.bfloat16, torch.float32) and r.merge is not None:  # fused merge, placement
+            return r.merge(out, lse, meta.merge_index, q.dtype == torch.float32)  # [T, H, D]
         outs.append(out.to(q.dtype))
         lses.append(lse)
     return _merge(outs, lses, meta, q)

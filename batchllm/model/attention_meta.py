@@ -75,14 +75,14 @@ class RaggedParts:
     kv_start: torch.Tensor  # int64 [P]
     q_pos: torch.Tensor  # int64 [T]
     rows_np: np.ndarray  # int64 [NQ], q_rows as numpy (for the cover count)
-    # the compiled kernels, looked up once per step (not per layer): the ragged attention, and the fused merge of
-    # bf16 partial results (None where the kernel path has no bf16 kernels)
+    # the compiled kernels, looked up once per step (not per layer): the ragged attention, and the fused merge of the
+    # partial results into bf16 or fp32 rows (None where the kernel path has no vector kernels)
     attend: Callable | None = None
-    merge_bf16: Callable | None = None
+    merge: Callable | None = None
 
     @classmethod
     def build(cls, parts: Sequence[AttnPart], positions: np.ndarray, block_size: int, device,
-              attend: Callable | None = None, merge_bf16: Callable | None = None) -> RaggedParts:
+              attend: Callable | None = None, merge: Callable | None = None) -> RaggedParts:
         q_counts = np.array([len(p.q_rows) for p in parts], dtype=np.int64)
         kv_counts = np.array([p.kv_len for p in parts], dtype=np.int64)
         rows = np.concatenate([np.asarray(p.q_rows, dtype=np.int64) for p in parts])
@@ -96,7 +96,7 @@ class RaggedParts:
             q_pos=torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(device),
             rows_np=rows,
             attend=attend,
-            merge_bf16=merge_bf16,
+            merge=merge,
         )
 
 
@@ -200,7 +200,7 @@ class AttentionMetadata:
             np.add.at(cover, rows, 1)
         ragged = RaggedParts.build(small, positions, block_size, device,
                                    attend=None if kernels is None else kernels.ragged_attention,
-                                   merge_bf16=kernels.merge if vector else None) if small else None
+                                   merge=kernels.merge if vector else None) if small else None
         if ragged is not None:
             row_lists.append(ragged.rows_np)
             np.add.at(cover, ragged.rows_np[ragged.sees_keys(small, positions, sliding_window)], 1)

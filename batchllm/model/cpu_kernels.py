@@ -1,9 +1,9 @@
 """The project's own CPU kernels (C++ with OpenMP), compiled on first use with torch's extension builder, once per
 kernel path (ISA, see `batchllm.machine`) and cached per machine: paged attention over ragged parts
-(`csrc/ragged_attention.cpp`), the fused bf16 element-wise ops of a decoder layer (`csrc/fused_ops.cpp`) and the bf16
-matrix product of the projections (`csrc/gemm.cpp`). Each path is its own module built from the same sources with
-that path's compiler flags; the engine loads the one `machine.selected_isa()` names. The loaders return None where
-no compiler is available; callers then use a torch path."""
+(`csrc/ragged_attention.cpp`), the fused element-wise ops of a decoder layer (`csrc/fused_ops.cpp`) and the matrix
+product of the projections, over bf16 or fp32 weights (`csrc/gemm.cpp`). Each path is its own module built from the
+same sources with that path's compiler flags; the engine loads the one `machine.selected_isa()` names. The loaders
+return None where no compiler is available; callers then use a torch path."""
 
 from __future__ import annotations
 
@@ -80,11 +80,11 @@ def has_bf16_kernels(isa: str | None = None) -> bool:
 
 
 def load_fused_ops(dtype, device):
-    """The compiled module when its fused element-wise ops apply (bf16 on a CPU whose selected path has the bf16
-    kernels), else None."""
+    """The compiled module when its fused element-wise ops apply (a bf16 or fp32 model on a CPU whose selected path
+    has the vector kernels), else None."""
     import torch
 
-    if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
+    if dtype not in (torch.bfloat16, torch.float32) or torch.device(device).type != "cpu":
         return None
     return load_cpu_kernels() if has_bf16_kernels() else None
 

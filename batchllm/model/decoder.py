@@ -165,8 +165,8 @@ class DecoderModel(torch.nn.Module):
         # HF keeps the scale as an fp32 tensor cast to the weights' dtype (sqrt(640) = 25.3 becomes 25.25 in bf16)
         self.embed_scale = None if cfg.embed_scale is None else torch.tensor(cfg.embed_scale).to(dtype)
         self.windows = sorted({layer.attn.window for layer in self.layers})  # the metadata a step needs
-        # bf16 on CPU: fused C++ element-wise ops (norms, residual adds, rotary + cache write, SiLU * up). On CPU the
-        # kernels are built (first use on this machine) or loaded here, not in the first step.
+        # bf16 or fp32 on CPU: fused C++ element-wise ops (norms, residual adds, rotary + cache write, SiLU * up). On
+        # CPU the kernels are built (first use on this machine) or loaded here, not in the first step.
         self.kernels = load_fused_ops(dtype, device)
         if torch.device(device).type == "cpu":
             load_cpu_kernels()

@@ -13,7 +13,7 @@ from batchllm.model_config import RopeConfig
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels=None) -> torch.Tensor:
     """HF LlamaRMSNorm: normalise in fp32, cast back to the input dtype, then scale by the weight.
-    ``kernels``: the fused bf16 CPU ops (`cpu_kernels.load_fused_ops`), or None for the torch ops."""
+    ``kernels``: the fused CPU ops (bf16 or fp32: `cpu_kernels.load_fused_ops`), or None for the torch ops."""
     if kernels is not None:
         return kernels.rms_norm(x, weight, eps)
     dtype = x.dtype

@@ -12,7 +12,7 @@ at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor
 at::Tensor silu_mul(const at::Tensor& gu);
 void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
                    const at::Tensor& positions, at::Tensor& kv, const at::Tensor& slots);
-at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index);
+at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index, bool fp32);
 at::Tensor argmax_rows(const at::Tensor& x);
 void apply_token_bitmask(at::Tensor& x, const at::Tensor& rows, const at::Tensor& mask);
 bool bf16_kernels();
@@ -39,13 +39,14 @@ const char* isa() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ragged_attention", &ragged_attention, "paged attention over ragged parts (CPU), returns (out fp32, lse)");
-  m.def("rms_norm", &rms_norm, "bf16 RMSNorm (HF order of roundings)");
-  m.def("add_rms_norm", &add_rms_norm, "x += delta in place, then RMSNorm of x (bf16)");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (bf16)");
-  m.def("rope_write_kv", &rope_write_kv, "rotary embedding of q, k in place and K/V written to cache slots (bf16)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of bf16 or fp32 rows (HF order of roundings)");
+  m.def("add_rms_norm", &add_rms_norm, "x += delta in place, then RMSNorm of x (bf16 or fp32)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (bf16 or fp32)");
+  m.def("rope_write_kv", &rope_write_kv, "rotary embedding of q, k in place and K/V written to cache slots (bf16 or fp32)");
   m.def("bf16_kernels", &bf16_kernels, "whether this build has the bf16 gemm, attention and fused ops");
   m.def("isa", &isa, "the kernel path this module was built for: portable, avx2, avx512 or avx512bf16");
-  m.def("merge", &merge, "log-sum-exp merge of partial attention results into bf16 rows");
+  m.def("merge", &merge, "log-sum-exp merge of partial attention results into bf16 rows (fp32 rows if fp32)",
+        pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("index"), pybind11::arg("fp32") = false);
   m.def("gemm_pack_weight", &gemm_pack_weight, "a bf16 weight [N, K] in the layout of gemm (panels of 64 columns)",
         pybind11::arg("w"), pybind11::arg("gated") = false);
   m.def("gemm", &gemm, "x [..., K] times a packed bf16 weight, plus an optional bias: [..., n] bf16 (gated: [..., n/2])",

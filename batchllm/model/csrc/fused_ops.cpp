@@ -1,22 +1,25 @@
-// Fused bf16 element-wise ops of the decoder layer for CPU. Each reads and writes its tensors once, computing in fp32;
-// the torch equivalents make one pass (and one bf16 rounding) per operator. Rows are split over torch's threads.
-// Written once over the vector type of the build (vec.h: 16 lanes with AVX-512, 8 with AVX2); the roundings are the
-// same on every path, only sums over a row may differ in their last bits. Built where the kernel path has vectors
-// (`bf16_kernels()`); elsewhere the model uses torch ops.
+// Fused element-wise ops of the decoder layer for CPU, over bf16 or fp32 tensors (the model's dtype; all tensors of a
+// call alike). Each reads and writes its tensors once, computing in fp32; the torch equivalents make one pass (and, in
+// bf16, one rounding) per operator. Rows are split over torch's threads. Written once over the vector type of the
+// build (vec.h: 16 lanes with AVX-512, 8 with AVX2); the roundings are the same on every path, only sums over a row
+// may differ in their last bits. In fp32 the results are torch's to within a few fp32 ulps (sums in another order,
+// SiLU's exp, rotary's a * b - c * d as one FMA). Built where the kernel path has vectors (`bf16_kernels()`);
+// elsewhere the model uses torch ops.
 //
-//   rms_norm(x [T, N], w [N], eps) -> [T, N]                  bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))  (HF order)
-//   add_rms_norm(x [T, N], delta [T, N], w, eps) -> [T, N]    x += delta (in place, rounded to bf16), then rms_norm(x)
-//   silu_mul(gu [T, 2I]) -> [T, I]                           bf16(bf16(silu(gate)) * up), gate = gu[:, :I], up = gu[:, I:]
+//   rms_norm(x [T, N], w [N], eps) -> [T, N]                  w * round(x * rsqrt(mean(x^2) + eps))  (HF order)
+//   add_rms_norm(x [T, N], delta [T, N], w, eps) -> [T, N]    x += delta (in place, rounded), then rms_norm(x)
+//   silu_mul(gu [T, 2I]) -> [T, I]                           round(silu(gate)) * up, gate = gu[:, :I], up = gu[:, I:]
 //   rope_write_kv(q [T, H, D], k [T, KVH, D], v, cos [P, D], sin [P, D], positions [T], kv [2, S, KVH, D],
 //                 slots [T])                                 rotates q and k in place (rotate_half convention, fp32,
 //                                                            one rounding) and writes k, v to cache slot slots[t]
 //                                                            (skipped if < 0); q, k, v rows may be strided
-//   merge(out [N, H, D] fp32, lse [N, H] fp32, index [T, L]) -> [T, H, D] bf16
+//   merge(out [N, H, D] fp32, lse [N, H] fp32, index [T, L], fp32=False) -> [T, H, D] bf16 (fp32 if asked)
 //                                                            per row: sum_l softmax(lse[index[t, l]]) * out[index[t, l]]
 //                                                            (index >= N: no partial result)
-//   argmax_rows(x [B, V]) -> [B] int64                       per row the index of the largest value, the lowest
-//                                                            among ties; as torch.argmax of the fp32 values (a NaN
-//                                                            beats everything, the first NaN wins; -0 equals +0)
+//   argmax_rows(x [B, V]) -> [B] int64                       (bf16 only) per row the index of the largest value, the
+//                                                            lowest among ties; as torch.argmax of the fp32 values (a
+//                                                            NaN beats everything, the first NaN wins; -0 equals +0)
+// round(): to bf16 for bf16 tensors (the rounding of the torch op in between), nothing for fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -44,157 +47,206 @@ using V = vec::Best;
 constexpr int64_t L = V::N;
 constexpr float NEG = -1e30f;  // finite "minus infinity" (built with -ffast-math)
 
+// Loads and stores of one element type as fp32 vectors (n: the lanes in use), and the rounding a torch op of that
+// dtype gives its result.
+template <typename T>
+struct Io;
+
+template <>
+struct Io<bf16> {
+  static V load(const bf16* p, int64_t n) { return V::load_bf16(p, n); }
+  static void store(V v, bf16* p, int64_t n) { v.store_bf16(p, n); }
+  static V round(V v) { return v.round_bf16(); }
+};
+
+template <>
+struct Io<float> {
+  static V load(const float* p, int64_t n) { return V::load(p, n); }
+  static void store(V v, float* p, int64_t n) { v.store(p, n); }
+  static V round(V v) { return v; }
+};
+
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(), name, " must be a contiguous ",
+              dtype == at::kBFloat16 ? "bf16" : "fp32", " CPU tensor like x");
+}
+
 void check_bf16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device().is_cpu(), name,
               " must be a contiguous bf16 CPU tensor");
 }
 
-void norm_row(const bf16* x, const bf16* w, bf16* out, int64_t n, float eps) {
+// Calls f(T{}) with T the element type of `dtype` (bf16 or fp32).
+template <typename F>
+void by_dtype(at::ScalarType dtype, const char* op, const F& f) {
+  if (dtype == at::kBFloat16) return f(bf16{});
+  TORCH_CHECK(dtype == at::kFloat, op, ": bf16 or fp32 tensors only");
+  f(0.f);
+}
+
+template <typename T>
+void norm_row(const T* x, const T* w, T* out, int64_t n, float eps) {
   V ss = V::zero();
   for (int64_t i = 0; i < n; i += L) {
-    const V v = V::load_bf16(x + i, n - i);
+    const V v = Io<T>::load(x + i, n - i);
     ss = V::fma(v, v, ss);
   }
   const V inv = V::set1(1.f / std::sqrt(ss.sum() / static_cast<float>(n) + eps));
   for (int64_t i = 0; i < n; i += L) {
-    const V h = (V::load_bf16(x + i, n - i) * inv).round_bf16();
-    (V::load_bf16(w + i, n - i) * h).store_bf16(out + i, n - i);
+    const V h = Io<T>::round(Io<T>::load(x + i, n - i) * inv);
+    Io<T>::store(Io<T>::load(w + i, n - i) * h, out + i, n - i);
   }
 }
 
 }  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  check_bf16(x, "x");
-  check_bf16(w, "w");
-  const int64_t n = x.size(-1), rows = x.numel() / n;
   auto out = at::empty_like(x);
-  const bf16 *px = x.data_ptr<bf16>(), *pw = w.data_ptr<bf16>();
-  bf16* po = out.data_ptr<bf16>();
-  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) norm_row(px + r * n, pw, po + r * n, n, static_cast<float>(eps));
+  by_dtype(x.scalar_type(), "rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    check(x, "x", x.scalar_type());
+    check(w, "w", x.scalar_type());
+    const int64_t n = x.size(-1), rows = x.numel() / n;
+    const T *px = x.data_ptr<T>(), *pw = w.data_ptr<T>();
+    T* po = out.data_ptr<T>();
+    at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) norm_row(px + r * n, pw, po + r * n, n, static_cast<float>(eps));
+    });
   });
   return out;
 }
 
 at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps) {
-  check_bf16(x, "x");
-  check_bf16(delta, "delta");
-  check_bf16(w, "w");
   TORCH_CHECK(x.sizes() == delta.sizes(), "x and delta differ in shape");
-  const int64_t n = x.size(-1), rows = x.numel() / n;
   auto out = at::empty_like(x);
-  bf16* px = x.data_ptr<bf16>();
-  const bf16 *pd = delta.data_ptr<bf16>(), *pw = w.data_ptr<bf16>();
-  bf16* po = out.data_ptr<bf16>();
-  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      bf16* xr = px + r * n;
-      const bf16* dr = pd + r * n;
-      for (int64_t i = 0; i < n; i += L) (V::load_bf16(xr + i, n - i) + V::load_bf16(dr + i, n - i)).store_bf16(xr + i, n - i);
-      norm_row(xr, pw, po + r * n, n, static_cast<float>(eps));
-    }
+  by_dtype(x.scalar_type(), "add_rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    check(x, "x", x.scalar_type());
+    check(delta, "delta", x.scalar_type());
+    check(w, "w", x.scalar_type());
+    const int64_t n = x.size(-1), rows = x.numel() / n;
+    T* px = x.data_ptr<T>();
+    const T *pd = delta.data_ptr<T>(), *pw = w.data_ptr<T>();
+    T* po = out.data_ptr<T>();
+    at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        T* xr = px + r * n;
+        const T* dr = pd + r * n;
+        for (int64_t i = 0; i < n; i += L) Io<T>::store(Io<T>::load(xr + i, n - i) + Io<T>::load(dr + i, n - i), xr + i, n - i);
+        norm_row(xr, pw, po + r * n, n, static_cast<float>(eps));
+      }
+    });
   });
   return out;
 }
 
 at::Tensor silu_mul(const at::Tensor& gu) {
-  check_bf16(gu, "gu");
   const int64_t two_i = gu.size(-1), inter = two_i / 2, rows = gu.numel() / two_i;
   auto out = at::empty({rows, inter}, gu.options());
-  const bf16* pg = gu.data_ptr<bf16>();
-  bf16* po = out.data_ptr<bf16>();
-  at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const bf16* g = pg + r * two_i;
-      const bf16* u = g + inter;
-      bf16* o = po + r * inter;
-      for (int64_t i = 0; i < inter; i += L)
-        (vec::silu_bf16(V::load_bf16(g + i, inter - i)) * V::load_bf16(u + i, inter - i)).store_bf16(o + i, inter - i);
-    }
+  by_dtype(gu.scalar_type(), "silu_mul", [&](auto tag) {
+    using T = decltype(tag);
+    check(gu, "gu", gu.scalar_type());
+    const T* pg = gu.data_ptr<T>();
+    T* po = out.data_ptr<T>();
+    at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const T* g = pg + r * two_i;
+        const T* u = g + inter;
+        T* o = po + r * inter;
+        for (int64_t i = 0; i < inter; i += L)
+          Io<T>::store(Io<T>::round(vec::silu(Io<T>::load(g + i, inter - i))) * Io<T>::load(u + i, inter - i), o + i,
+                       inter - i);
+      }
+    });
   });
   return out;
 }
 
 void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
                    const at::Tensor& positions, at::Tensor& kv, const at::Tensor& slots) {
-  check_bf16(cos, "cos");
-  check_bf16(sin, "sin");
-  check_bf16(kv, "kv");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "q, k, v must be bf16");
+  const at::ScalarType dtype = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, "q, k, v must have one dtype");
+  check(cos, "cos", dtype);
+  check(sin, "sin", dtype);
+  check(kv, "kv", dtype);
   const int64_t T = q.size(0), H = q.size(1), KVH = k.size(1), D = q.size(2), half = D / 2;
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "q, k, v need a contiguous last dim");
   TORCH_CHECK(D % 2 == 0 && kv.size(2) == KVH && kv.size(3) == D, "cache and head shapes differ");
   const int64_t S = kv.size(1);
-  bf16 *pq = q.data_ptr<bf16>(), *pk = k.data_ptr<bf16>(), *pkv = kv.data_ptr<bf16>();
-  const bf16* pv = v.data_ptr<bf16>();
-  const bf16 *pc = cos.data_ptr<bf16>(), *ps = sin.data_ptr<bf16>();
   const int64_t* ppos = positions.data_ptr<int64_t>();
   const int64_t* pslot = slots.data_ptr<int64_t>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
-  const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
   for (int64_t t = 0; t < T; ++t) {
     TORCH_CHECK(pslot[t] < S, "cache slot out of range");
     TORCH_CHECK(ppos[t] >= 0 && ppos[t] < cos.size(0), "position outside the rotary table");
   }
-  at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const bf16* c = pc + ppos[t] * D;
-      const bf16* s = ps + ppos[t] * D;
-      auto rotate = [&](bf16* x) {  // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
-        for (int64_t i = 0; i < half; i += L) {
-          const int64_t n = half - i;
-          const V x1 = V::load_bf16(x + i, n), x2 = V::load_bf16(x + half + i, n);
-          const V o1 = V::fnma(x2, V::load_bf16(s + i, n), x1 * V::load_bf16(c + i, n));
-          const V o2 = V::fma(x1, V::load_bf16(s + half + i, n), x2 * V::load_bf16(c + half + i, n));
-          o1.store_bf16(x + i, n);
-          o2.store_bf16(x + half + i, n);
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
+  by_dtype(dtype, "rope_write_kv", [&](auto tag) {
+    using E = decltype(tag);
+    E *pq = q.data_ptr<E>(), *pk = k.data_ptr<E>(), *pkv = kv.data_ptr<E>();
+    const E* pv = v.data_ptr<E>();
+    const E *pc = cos.data_ptr<E>(), *ps = sin.data_ptr<E>();
+    at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const E* c = pc + ppos[t] * D;
+        const E* s = ps + ppos[t] * D;
+        auto rotate = [&](E* x) {  // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
+          for (int64_t i = 0; i < half; i += L) {
+            const int64_t n = half - i;
+            const V x1 = Io<E>::load(x + i, n), x2 = Io<E>::load(x + half + i, n);
+            const V o1 = V::fnma(x2, Io<E>::load(s + i, n), x1 * Io<E>::load(c + i, n));
+            const V o2 = V::fma(x1, Io<E>::load(s + half + i, n), x2 * Io<E>::load(c + half + i, n));
+            Io<E>::store(o1, x + i, n);
+            Io<E>::store(o2, x + half + i, n);
+          }
+        };
+        for (int64_t h = 0; h < H; ++h) rotate(pq + t * qs0 + h * qs1);
+        for (int64_t h = 0; h < KVH; ++h) rotate(pk + t * ks0 + h * ks1);
+        const int64_t slot = pslot[t];
+        if (slot < 0) continue;
+        for (int64_t h = 0; h < KVH; ++h) {
+          std::copy(pk + t * ks0 + h * ks1, pk + t * ks0 + h * ks1 + D, pkv + (slot * KVH + h) * D);
+          std::copy(pv + t * vs0 + h * vs1, pv + t * vs0 + h * vs1 + D, pkv + ((S + slot) * KVH + h) * D);
         }
-      };
-      for (int64_t h = 0; h < H; ++h) rotate(pq + t * qs0 + h * qs1);
-      for (int64_t h = 0; h < KVH; ++h) rotate(pk + t * ks0 + h * ks1);
-      const int64_t slot = pslot[t];
-      if (slot < 0) continue;
-      for (int64_t h = 0; h < KVH; ++h) {
-        std::copy(pk + t * ks0 + h * ks1, pk + t * ks0 + h * ks1 + D, pkv + (slot * KVH + h) * D);
-        std::copy(pv + t * vs0 + h * vs1, pv + t * vs0 + h * vs1 + D, pkv + ((S + slot) * KVH + h) * D);
       }
-    }
+    });
   });
 }
 
-at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index) {
+at::Tensor merge(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index, bool fp32) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat && out.is_contiguous() &&
               lse.is_contiguous() && index.is_contiguous(), "merge takes contiguous fp32 out and lse");
   const int64_t N = out.size(0), H = out.size(1), D = out.size(2), T = index.size(0), Lp = index.size(1);
-  auto res = at::empty({T, H, D}, out.options().dtype(at::kBFloat16));
-  const float *po = out.data_ptr<float>(), *pl = lse.data_ptr<float>();
-  const int64_t* pi = index.data_ptr<int64_t>();
-  bf16* pr = res.data_ptr<bf16>();
-  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
-    std::vector<float> wts(Lp);
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t* idx = pi + t * Lp;
-      for (int64_t h = 0; h < H; ++h) {
-        float mx = NEG;
-        for (int64_t l = 0; l < Lp; ++l) mx = std::max(mx, idx[l] < N ? pl[idx[l] * H + h] : NEG);
-        float total = 0.f;
-        for (int64_t l = 0; l < Lp; ++l) {
-          wts[l] = idx[l] < N && pl[idx[l] * H + h] > NEG ? std::exp(pl[idx[l] * H + h] - mx) : 0.f;
-          total += wts[l];
-        }
-        bf16* dst = pr + (t * H + h) * D;
-        for (int64_t d = 0; d < D; d += L) {
-          V acc = V::zero();
+  auto res = at::empty({T, H, D}, out.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
+  by_dtype(res.scalar_type(), "merge", [&](auto tag) {
+    using E = decltype(tag);
+    const float *po = out.data_ptr<float>(), *pl = lse.data_ptr<float>();
+    const int64_t* pi = index.data_ptr<int64_t>();
+    E* pr = res.data_ptr<E>();
+    at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+      std::vector<float> wts(Lp);
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t* idx = pi + t * Lp;
+        for (int64_t h = 0; h < H; ++h) {
+          float mx = NEG;
+          for (int64_t l = 0; l < Lp; ++l) mx = std::max(mx, idx[l] < N ? pl[idx[l] * H + h] : NEG);
+          float total = 0.f;
           for (int64_t l = 0; l < Lp; ++l) {
-            if (wts[l] == 0.f) continue;
-            acc = V::fma(V::set1(wts[l] / total), V::load(po + (idx[l] * H + h) * D + d, D - d), acc);
+            wts[l] = idx[l] < N && pl[idx[l] * H + h] > NEG ? std::exp(pl[idx[l] * H + h] - mx) : 0.f;
+            total += wts[l];
           }
-          acc.store_bf16(dst + d, D - d);
+          E* dst = pr + (t * H + h) * D;
+          for (int64_t d = 0; d < D; d += L) {
+            V acc = V::zero();
+            for (int64_t l = 0; l < Lp; ++l) {
+              if (wts[l] == 0.f) continue;
+              acc = V::fma(V::set1(wts[l] / total), V::load(po + (idx[l] * H + h) * D + d, D - d), acc);
+            }
+            Io<E>::store(acc, dst + d, D - d);
+          }
         }
       }
-    }
+    });
   });
   return res;
 }
@@ -308,7 +360,7 @@ at::Tensor add_rms_norm(at::Tensor&, const at::Tensor&, const at::Tensor&, doubl
 at::Tensor silu_mul(const at::Tensor&) { unavailable(); return {}; }
 void rope_write_kv(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                    at::Tensor&, const at::Tensor&) { unavailable(); }
-at::Tensor merge(const at::Tensor&, const at::Tensor&, const at::Tensor&) { unavailable(); return {}; }
+at::Tensor merge(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool) { unavailable(); return {}; }
 at::Tensor argmax_rows(const at::Tensor&) { unavailable(); return {}; }
 #endif
 

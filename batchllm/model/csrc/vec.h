@@ -47,13 +47,19 @@ inline V exp(V x) {
   return exp2<V, 6>(V::max(x, V::set1(-100.f)) * V::set1(1.44269504f));
 }
 
-// SiLU of bf16 values, rounded to bf16 as torch's F.silu on a bf16 tensor: x / (1 + exp(-x)). Below x = -88 exp(-x)
-// would overflow (1 + inf, then NaN under -ffast-math): those lanes give 0, as torch's x / inf gives -0.
+// SiLU in fp32, as torch's F.silu: x / (1 + exp(-x)). Below x = -88 exp(-x) would overflow (1 + inf, then NaN under
+// -ffast-math): those lanes give 0, as torch's x / inf gives -0.
 template <class V>
-inline V silu_bf16(V x) {
+inline V silu(V x) {
   const V e = exp(V::min(V::zero() - x, V::set1(88.f)));
   const V s = x / (V::set1(1.f) + e);
-  return V::select(V::less(x, V::set1(-88.f)), V::zero(), s).round_bf16();
+  return V::select(V::less(x, V::set1(-88.f)), V::zero(), s);
+}
+
+// SiLU of bf16 values, rounded to bf16 as torch's F.silu on a bf16 tensor.
+template <class V>
+inline V silu_bf16(V x) {
+  return silu(x).round_bf16();
 }
 
 #ifdef BATCHLLM_HAS_V16
