@@ -34,6 +34,17 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs() / spacing
 
 
+def ulps32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance between two fp32 tensors in units of the fp32 spacing at b's magnitude."""
+    a, b = a.double(), b.double()
+    spacing = torch.exp2(torch.floor(torch.log2(b.abs().clamp_min(1e-30))) - 23)
+    return (a - b).abs() / spacing
+
+
+def randn32(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
 def test_rms_norm_matches_torch_order_of_roundings(kernels):
     x, w = randn(37, 512, seed=1, scale=3.0), randn(512, seed=2)
     out = kernels.rms_norm(x, w, 1e-6)
@@ -74,21 +85,22 @@ def test_silu_mul_of_large_negative_gates_is_zero_not_nan(kernels):
     assert torch.equal(out[4:], (F.silu(gate) * up)[4:])
 
 
-@pytest.mark.parametrize("heads,kv_heads,d", [(8, 4, 64), (4, 1, 32)])
-def test_rope_write_kv(heads, kv_heads, d, kernels):
+def rope_case(kernels, dtype, heads, kv_heads, d):
+    """Runs rope_write_kv on strided q, k, v views (as in the model) of `dtype`; checks that exactly the rows with a
+    slot were written, as the rotated k and the untouched v. Returns the rotated q, k and torch's rotation of the
+    inputs in fp32 math."""
     t, blocks, bs = 13, 6, 4
-    table = RotaryTable(RopeConfig(theta=10000.0), d, 64, BF16, torch.device("cpu"))
-    qkv = randn(t, (heads + 2 * kv_heads) * d, seed=7)
+    table = RotaryTable(RopeConfig(theta=10000.0), d, 64, dtype, torch.device("cpu"))
+    qkv = randn32(t, (heads + 2 * kv_heads) * d, seed=7).to(dtype)
     q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
-    q, k, v = q.view(t, heads, d), k.view(t, kv_heads, d), v.view(t, kv_heads, d)  # strided views, as in the model
+    q, k, v = q.view(t, heads, d), k.view(t, kv_heads, d), v.view(t, kv_heads, d)
     positions = torch.tensor([0, 1, 2, 3, 63, 5, 6, 7, 8, 9, 10, 11, 40])
     slots = torch.tensor([3, 0, -1, 7, 23, 1, 2, 4, 5, 6, 8, 9, 10])
     cos, sin = table.lookup(positions)
-    eq, ek = apply_rotary(q.float(), k.float(), cos.float(), sin.float())  # fp32 math: one rounding at the end
+    eq, ek = apply_rotary(q.float(), k.float(), cos.float(), sin.float())  # fp32 math
     ev = v.clone()
-    cache = torch.zeros(2, blocks, bs, kv_heads, d, dtype=BF16)
+    cache = torch.zeros(2, blocks, bs, kv_heads, d, dtype=dtype)
     kernels.rope_write_kv(q, k, v, table.cos, table.sin, positions, cache.view(2, -1, kv_heads, d), slots)
-    assert ulps(q, eq.to(BF16)).max().item() <= 1 and ulps(k, ek.to(BF16)).max().item() <= 1
     flat = cache.view(2, -1, kv_heads, d)
     for row, slot in enumerate(slots.tolist()):
         if slot >= 0:
@@ -96,9 +108,18 @@ def test_rope_write_kv(heads, kv_heads, d, kernels):
     written = torch.zeros(blocks * bs, dtype=torch.bool)
     written[slots[slots >= 0]] = True
     assert not flat[:, ~written].any()  # nothing else touched
+    return q, k, eq, ek
 
 
-def test_merge_matches_torch_merge(kernels):
+@pytest.mark.parametrize("heads,kv_heads,d", [(8, 4, 64), (4, 1, 32)])
+def test_rope_write_kv(heads, kv_heads, d, kernels):
+    q, k, eq, ek = rope_case(kernels, BF16, heads, kv_heads, d)
+    assert ulps(q, eq.to(BF16)).max().item() <= 1 and ulps(k, ek.to(BF16)).max().item() <= 1  # one rounding
+
+
+def merge_case(kernels, fp32):
+    """Four parts over six rows (rows in one to three parts): the partial results, their metadata and the merge
+    kernel's output."""
     rng = np.random.default_rng(0)
     t, h, d = 6, 4, 32
     parts = [AttnPart(np.array([0, 1, 2]), [0], 0, 4), AttnPart(np.array([0]), [1], 4, 2),
@@ -108,13 +129,17 @@ def test_merge_matches_torch_merge(kernels):
     n = len(meta.merge_rows)
     out = torch.from_numpy(rng.standard_normal((n, h, d)).astype(np.float32))
     lse = torch.from_numpy(rng.standard_normal((n, h)).astype(np.float32) * 3)
-    q = torch.zeros(t, h, d, dtype=BF16)
-    expect = _merge([out.to(BF16)], [lse], meta, q)
-    got = kernels.merge(out, lse, meta.merge_index)
-    assert got.dtype == BF16 and got.shape == (t, h, d)
+    got = kernels.merge(out, lse, meta.merge_index, fp32)
+    assert got.dtype == (torch.float32 if fp32 else BF16) and got.shape == (t, h, d)
+    exact = (out.double()[meta.merge_index.clamp_max(n - 1)] * torch.softmax(
+        torch.cat([lse, torch.full((1, h), float("-inf"))]).double()[meta.merge_index], dim=1)[..., None]).sum(1)
+    return meta, out, lse, got, exact
+
+
+def test_merge_matches_torch_merge(kernels):
+    meta, out, lse, got, exact = merge_case(kernels, fp32=False)
+    expect = _merge([out.to(BF16)], [lse], meta, torch.zeros(got.shape, dtype=BF16))
     torch.testing.assert_close(got.float(), expect.float(), atol=2e-2, rtol=1e-2)
-    exact = (out[meta.merge_index.clamp_max(n - 1)] * torch.softmax(
-        torch.cat([lse, torch.full((1, h), float("-inf"))])[meta.merge_index], dim=1)[..., None]).sum(1)
     assert ulps(got, exact.to(BF16)).max().item() <= 1
 
 
@@ -132,17 +157,6 @@ def test_merge_of_single_cover_rows_is_the_torch_placement_bit_for_bit(kernels):
     expect = _merge([out.to(BF16)], [lse], meta, torch.zeros(t, h, d, dtype=BF16))
     assert torch.equal(kernels.merge(out, lse, meta.merge_index), expect)
     assert torch.equal(expect[3], out[0].to(BF16))  # part 0 holds row 3
-
-
-def ulps32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Distance between two fp32 tensors in units of the fp32 spacing at b's magnitude."""
-    a, b = a.double(), b.double()
-    spacing = torch.exp2(torch.floor(torch.log2(b.abs().clamp_min(1e-30))) - 23)
-    return (a - b).abs() / spacing
-
-
-def randn32(*shape, seed=0, scale=1.0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
 def test_fp32_rms_norm_and_add_rms_norm_are_torch_within_4_ulps(kernels):
@@ -175,46 +189,19 @@ def test_fp32_silu_mul_is_within_2e_6_of_exact_silu_times_up(kernels):
 
 @pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 1, 32)])
 def test_fp32_rope_write_kv_is_torch_within_2_ulps_and_writes_the_exact_rows(heads, kv_heads, d, kernels):
-    t, blocks, bs = 13, 6, 4
-    table = RotaryTable(RopeConfig(theta=10000.0), d, 64, torch.float32, torch.device("cpu"))
-    qkv = randn32(t, (heads + 2 * kv_heads) * d, seed=7)
-    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
-    q, k, v = q.view(t, heads, d), k.view(t, kv_heads, d), v.view(t, kv_heads, d)  # strided views, as in the model
-    positions = torch.tensor([0, 1, 2, 3, 63, 5, 6, 7, 8, 9, 10, 11, 40])
-    slots = torch.tensor([3, 0, -1, 7, 23, 1, 2, 4, 5, 6, 8, 9, 10])
-    eq, ek = apply_rotary(q.clone(), k.clone(), *table.lookup(positions))
-    ev = v.clone()
-    cache = torch.zeros(2, blocks, bs, kv_heads, d)
-    kernels.rope_write_kv(q, k, v, table.cos, table.sin, positions, cache.view(2, -1, kv_heads, d), slots)
+    q, k, eq, ek = rope_case(kernels, torch.float32, heads, kv_heads, d)
     # x1 cos - x2 sin as one FMA: torch rounds each product; the results differ in the last bit or two
     assert (q - eq).abs().max().item() <= 2 * 2**-23 * eq.abs().max().item()
     assert (k - ek).abs().max().item() <= 2 * 2**-23 * ek.abs().max().item()
-    flat = cache.view(2, -1, kv_heads, d)
-    for row, slot in enumerate(slots.tolist()):
-        if slot >= 0:
-            assert torch.equal(flat[0, slot], k[row]) and torch.equal(flat[1, slot], ev[row])
-    written = torch.zeros(blocks * bs, dtype=torch.bool)
-    written[slots[slots >= 0]] = True
-    assert not flat[:, ~written].any()
 
 
 def test_fp32_merge_is_the_exact_merge_within_4_ulps_and_places_single_rows_bit_for_bit(kernels):
-    rng = np.random.default_rng(0)
-    t, h, d = 6, 4, 32
-    parts = [AttnPart(np.array([0, 1, 2]), [0], 0, 4), AttnPart(np.array([0]), [1], 4, 2),
-             AttnPart(np.array([1, 3, 4, 5]), [2], 4, 3), AttnPart(np.array([2, 5]), [3], 8, 1)]
-    meta = AttentionMetadata.build(parts, np.full(t, 20), np.arange(t), 16, torch.device("cpu"),
-                                   ragged_max_queries=0)
-    n = len(meta.merge_rows)
-    out = torch.from_numpy(rng.standard_normal((n, h, d)).astype(np.float32))
-    lse = torch.from_numpy(rng.standard_normal((n, h)).astype(np.float32) * 3)
-    got = kernels.merge(out, lse, meta.merge_index, True)
-    assert got.dtype == torch.float32 and got.shape == (t, h, d)
-    exact = (out.double()[meta.merge_index.clamp_max(n - 1)] * torch.softmax(
-        torch.cat([lse, torch.full((1, h), float("-inf"))]).double()[meta.merge_index], dim=1)[..., None]).sum(1)
+    _, out, _, got, exact = merge_case(kernels, fp32=True)
     # float64 reference; a merged value can be a near-cancelling sum, so the error is measured against the inputs'
     # scale (|out| <= 4.5 here)
     assert (got.double() - exact).abs().max().item() <= 4 * 2**-23 * out.abs().max().item()
+    rng = np.random.default_rng(1)
+    h, d = 4, 32
     single = [AttnPart(np.array([r]), [r], 0, 5 + r) for r in (3, 0, 6, 1, 5, 2, 4)]
     meta = AttentionMetadata.build(single, np.full(7, 30), np.arange(7), 16, torch.device("cpu"),
                                    ragged_max_queries=0)
