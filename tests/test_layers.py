@@ -94,22 +94,24 @@ def test_gemm_row_results_do_not_depend_on_the_batch_or_the_threads(out_f, in_f,
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
 @pytest.mark.parametrize("inter,in_f,bias", [(352, 128, False), (100, 64, True), (37, 130, True)])
-def test_gated_packing_gives_silu_mul_of_the_product_bit_for_bit(inter, in_f, bias, gemm_isa):
-    """A [gate; up] projection packed gated computes bf16(silu(gate) * up) in the product's epilogue: the same bits as
-    the fused `silu_mul` of the plain packed product (also with a bias and a feature count that is not a multiple of
-    the panel's 32), for any number of rows; its plain `forward` is refused."""
+def test_gated_packing_gives_silu_mul_of_the_product_bit_for_bit(inter, in_f, bias, dtype, gemm_isa):
+    """A [gate; up] projection packed gated computes silu(gate) * up in the product's epilogue (bf16: with the
+    roundings of bf16 ops): the same bits as the fused `silu_mul` of the plain packed product (also with a bias and a
+    feature count that is not a multiple of the panel's 32), for any number of rows; its plain `forward` is
+    refused."""
     from batchllm.model.cpu_kernels import load_cpu_kernels
 
     silu_mul = load_cpu_kernels(gemm_isa).silu_mul
-    plain = make_linear(2 * inter, in_f, bias, seed=3)
-    gated = make_linear(2 * inter, in_f, bias, seed=3)
+    plain = make_linear(2 * inter, in_f, bias, dtype=dtype, seed=3)
+    gated = make_linear(2 * inter, in_f, bias, dtype=dtype, seed=3)
     plain.pack()
     gated.pack(gated=True)
     assert gated.gated and not plain.gated
     gen = torch.Generator().manual_seed(4)
     for rows in (1, 5, 6, 7, 64, 300):
-        x = (torch.randn(rows, in_f, generator=gen) * 4).to(BF16)  # [rows, in]: gates far out on both sides
+        x = (torch.randn(rows, in_f, generator=gen) * 4).to(dtype)  # [rows, in]: gates far out on both sides
         y = gated.silu_mul(x)  # [rows, inter]
         assert y.shape == (rows, inter) and torch.isfinite(y.float()).all()
         assert torch.equal(y, silu_mul(plain(x))), rows

@@ -135,14 +135,14 @@ class Linear(torch.nn.Module):
         if self.packed is not None:
             return
         kernels = gemm_kernels(self.weight)
-        if kernels is not None and self.weight.dtype == torch.float32:
-            self.packed = kernels.gemm_pack_weight_f32(self.weight.data)  # [panels, in, 64]
-            self.gemm = kernels.gemm_f32
-            self.weight = None
-        elif kernels is not None:
+        if kernels is not None:
             gated = gated and self.out_features % 2 == 0
-            self.packed = kernels.gemm_pack_weight(self.weight.data, gated)  # [panels, in / 2, 64, 2]
-            self.gemm = kernels.gemm
+            if self.weight.dtype == torch.float32:
+                self.packed = kernels.gemm_pack_weight_f32(self.weight.data, gated)  # [panels, in, 64]
+                self.gemm = kernels.gemm_f32
+            else:
+                self.packed = kernels.gemm_pack_weight(self.weight.data, gated)  # [panels, in / 2, 64, 2]
+                self.gemm = kernels.gemm
             self.gated = gated
             self.weight = None
         elif can_pack(self.weight):
@@ -160,8 +160,9 @@ class Linear(torch.nn.Module):
             self.next_packed = following.packed
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """For a gated-packed [gate; up] projection: bf16(bf16(silu(gate)) * up) of x's product, [..., I]; the same
-        bits as the fused op `silu_mul` applied to the plain product, without writing the [..., 2I] product."""
+        """For a gated-packed [gate; up] projection: bf16(bf16(silu(gate)) * up) of x's product (fp32: silu(gate) *
+        up), [..., I]; the same bits as the fused op `silu_mul` applied to the plain product, without writing the
+        [..., 2I] product."""
         return self.gemm(x, self.packed, self.out_features, self.bias, True, self.next_packed)  # [..., I]
 
 

@@ -20,9 +20,9 @@ double peak_flops(int64_t iters);
 at::Tensor gemm_pack_weight(const at::Tensor& w, bool gated);
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
                 bool gated, const std::optional<at::Tensor>& next);
-at::Tensor gemm_pack_weight_f32(const at::Tensor& w);
+at::Tensor gemm_pack_weight_f32(const at::Tensor& w, bool gated);
 at::Tensor gemm_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& next);
+                    bool gated, const std::optional<at::Tensor>& next);
 
 // The kernel path of this build, from the compiler's target macros (batchllm.machine.ISA_CFLAGS sets them).
 const char* isa() {
@@ -53,10 +53,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("gated") = false, pybind11::arg("next") = pybind11::none());
   m.def("gemm_pack_weight_f32", &gemm_pack_weight_f32,
-        "an fp32 weight [N, K] in the layout of gemm_f32 (panels of 64 columns, [P, K, 64])", pybind11::arg("w"));
-  m.def("gemm_f32", &gemm_f32, "x [..., K] fp32 times a packed fp32 weight, plus an optional bias: [..., n] fp32",
+        "an fp32 weight [N, K] in the layout of gemm_f32 (panels of 64 columns, [P, K, 64])", pybind11::arg("w"),
+        pybind11::arg("gated") = false);
+  m.def("gemm_f32", &gemm_f32,
+        "x [..., K] fp32 times a packed fp32 weight, plus an optional bias: [..., n] fp32 (gated: [..., n/2])",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
-        pybind11::arg("next") = pybind11::none());
+        pybind11::arg("gated") = false, pybind11::arg("next") = pybind11::none());
   m.def("peak_flops", &peak_flops, "FLOP/s of the gemm tile's instruction in 12 independent chains on every thread",
         pybind11::arg("iters") = 2000000);
   m.def("argmax_rows", &argmax_rows, "per row the index of the largest bf16 value (as torch.argmax in fp32)");

@@ -7,13 +7,14 @@
 //                                                            past N are zero; K must be even
 //   gemm(x [M, K], packed, n, bias [n] or None, gated, next) -> [M, n], or [M, n/2] when gated; next: the packed
 //                                                            weight of the following product, or None (see "Work")
-//   pack_weight_f32(w [N, K] fp32) -> packed [P, K, 64]      fp32 weights (dtype=float32), every vector build
-//   gemm_f32(x [M, K] fp32, packed, n, bias, next) -> [M, n] fp32  fp32 FMAs, each output the sum over k in order
+//   pack_weight_f32(w [N, K] fp32, gated) -> packed [P, K, 64]  fp32 weights (dtype=float32), every vector build
+//   gemm_f32(x [M, K] fp32, packed, n, bias, gated, next) -> [M, n] fp32 (gated: [M, n/2])  fp32 FMAs, each output
+//                                                            the sum over k in order
 //
 // gated: w is a fused [gate; up] projection [2I, K] (the MLP's gate_up). Each panel then holds 32 gate columns and the
 // 32 up columns of the same features (P = ceil(I / 32)), and the tile's epilogue writes bf16(silu(gate) * up) with the
 // roundings of `silu_mul` (fused_ops.cpp): the same bits as silu_mul(gemm(x, w)), without writing or reading the
-// [M, 2I] product.
+// [M, 2I] product (likewise in fp32: silu(gate) * up, the bits of the fp32 silu_mul).
 //
 // Layout of one panel (64 output columns c0 .. c0+63), K/2 steps of 128 bytes each; step j holds, for every column
 // c, the pair W[c][2j], W[c][2j+1]:
@@ -42,6 +43,7 @@
 #include <chrono>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -67,6 +69,40 @@ int64_t source_row(int64_t p, int64_t j, int64_t N, bool gated) {
   return j < half ? feature : inter + feature;
 }
 
+
+// The fp32 FMA tiles (bf16 weights on AVX2 and AVX-512F, fp32 weights on every vector path) cut a panel into column
+// groups of one vector (GN columns); a tile is up to MR rows x CG groups: MR x CG accumulators (24 zmm, 10 ymm).
+using V = vec::Best;
+constexpr int GN = V::N;                   // columns of one column group (one vector)
+constexpr int64_t GROUPS = COLS / GN;      // column groups per panel
+constexpr int CG = V::N == 16 ? 4 : 2;     // column groups per tile
+
+// Tile t of a panel: its CG column groups and the output column of each. Non-gated: groups t CG .. t CG + CG - 1,
+// written to their own columns. Gated (gate columns in the panel's first half, their up columns in the second):
+// gate groups h = t CG/2 .. with up groups h + GROUPS/2, written to column h GN of the features. Returns the number of
+// tiles of a panel.
+inline int64_t tile_groups(int64_t t, bool gated, int64_t* group, int64_t* out_col) {
+  const int64_t per_tile = gated ? CG / 2 : CG;
+  for (int g = 0; g < CG; ++g) {
+    const int64_t h = t * per_tile + g % per_tile;
+    group[g] = gated && g >= per_tile ? h + GROUPS / 2 : h;
+    out_col[g] = h * GN;
+  }
+  return (gated ? GROUPS / 2 : GROUPS) / per_tile;
+}
+
+// Calls tile(std::integral_constant<int, R>) with R = rows (1 .. MR).
+template <class Tile>
+inline void by_rows(int64_t rows, const Tile& tile) {
+  switch (rows) {
+    case 1: return tile(std::integral_constant<int, 1>{});
+    case 2: return tile(std::integral_constant<int, 2>{});
+    case 3: return tile(std::integral_constant<int, 3>{});
+    case 4: return tile(std::integral_constant<int, 4>{});
+    case 5: return tile(std::integral_constant<int, 5>{});
+    default: return tile(std::integral_constant<int, MR>{});
+  }
+}
 
 // Bresenham: `lines` prefetches (64-byte lines, from pf on) spread evenly over a tile's `steps` steps. Into L1 (T0):
 // with cold weights 1.00-1.14x over L2 only (T1; kernel_ab.py --gemm --cold, Zen 5: most at 1-8 rows, 1.02-1.03x
@@ -141,11 +177,7 @@ void tile_rows(int64_t rows, const XRow* x, int64_t ldx, const void* w_, int64_t
 }
 
 #else
-using V = vec::Best;
 using XRow = float;  // x converted to fp32 once per call
-constexpr int GN = V::N;  // columns of one column group (one vector)
-constexpr int64_t GROUPS = COLS / GN;  // column groups per panel
-constexpr int CG = V::N == 16 ? 4 : 2;  // column groups per tile: MR x CG accumulators (24 zmm, 10 ymm)
 
 // The bf16 pairs of a column group at step j: the even-k weights as fp32 (the low halves), and the odd-k ones.
 inline V even_half(const bf16* w) {
@@ -216,83 +248,69 @@ void f32tile(const float* x, int64_t ldx, const bf16* panel, int64_t steps, cons
 void tile_rows(int64_t rows, const XRow* x, int64_t ldx, const void* w, int64_t steps, const float* bias, bf16* c,
                int64_t ldc, int64_t ncols, const char* pf, int64_t pf_lines, bool gated) {
   const bf16* panel = static_cast<const bf16*>(w);
-  // non-gated: groups (0, 1, ..) in tiles of CG; gated: gate group h with up group h + GROUPS / 2
-  const int64_t per_tile = gated ? CG / 2 : CG, tiles = (gated ? GROUPS / 2 : GROUPS) / per_tile;
+  int64_t group[CG], out_col[CG];
+  const int64_t tiles = tile_groups(0, gated, group, out_col);
   for (int64_t t = 0; t < tiles; ++t) {
-    int64_t group[CG], out_col[CG];
-    for (int g = 0; g < CG; ++g) {
-      const int64_t h = t * per_tile + g % per_tile;
-      group[g] = gated && g >= per_tile ? h + GROUPS / 2 : h;
-      out_col[g] = h * GN;
-    }
+    tile_groups(t, gated, group, out_col);
     if (out_col[0] >= ncols) break;
     const char* tpf = pf == nullptr ? nullptr : pf + 64 * (pf_lines * t / tiles);
     const int64_t tlines = pf_lines * (t + 1) / tiles - pf_lines * t / tiles;
-    switch (rows) {
-      case 1: f32tile<1>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated); break;
-      case 2: f32tile<2>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated); break;
-      case 3: f32tile<3>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated); break;
-      case 4: f32tile<4>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated); break;
-      case 5: f32tile<5>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated); break;
-      default: f32tile<MR>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated);
-    }
+    by_rows(rows, [&](auto r) {
+      f32tile<decltype(r)::value>(x, ldx, panel, steps, group, bias, c, ldc, out_col, ncols, tpf, tlines, gated);
+    });
   }
 }
 #endif
 
 // fp32 weights (dtype=float32, the exact dtype): panels of 64 columns [P, K, 64] fp32, each row k the 64 columns' k-th
-// weights, and fp32 FMAs in every vector build. A tile is R rows x CGF column groups of one panel; every output is
-// the chain of FMAs over k = 0 .. K-1 in order, whatever the batch.
-using VF = vec::Best;
-constexpr int GNF = VF::N;                 // columns of one group (one vector)
-constexpr int CGF = VF::N == 16 ? 4 : 2;   // groups per tile: R x CGF accumulators, CGF weights and a broadcast
-constexpr int64_t GROUPS_F = COLS / GNF;   // groups per panel
-
+// weights (gated: as the bf16 packing, 32 gate columns then their 32 up columns), and fp32 FMAs in every vector build.
+// A tile is R rows x CG column groups of one panel (`tile_groups`); every output is the chain of FMAs over
+// k = 0 .. K-1 in order, whatever the batch. Gated, the tile writes silu(gate) * up: the bits of `silu_mul` (fp32)
+// applied to the plain product.
 template <int R>
-void f32w_tile(const float* x, int64_t ldx, const float* panel, int64_t K, int64_t g0, const float* bias, float* c,
-               int64_t ldc, int64_t ncols, const char* pf, int64_t pf_lines) {
-  VF acc[R][CGF];
+void f32w_tile(const float* x, int64_t ldx, const float* panel, int64_t K, const int64_t* group, const float* bias,
+               float* c, int64_t ldc, const int64_t* out_col, int64_t ncols, const char* pf, int64_t pf_lines,
+               bool gated) {
+  V acc[R][CG];
   for (int i = 0; i < R; ++i)
-    for (int g = 0; g < CGF; ++g) acc[i][g] = VF::zero();
+    for (int g = 0; g < CG; ++g) acc[i][g] = V::zero();
   SpreadPrefetch prefetch{pf, pf_lines, K};
   for (int64_t k = 0; k < K; ++k) {
     prefetch.step();
-    VF w[CGF];
-    for (int g = 0; g < CGF; ++g) w[g] = VF::load(panel + k * COLS + (g0 + g) * GNF);
+    V w[CG];
+    for (int g = 0; g < CG; ++g) w[g] = V::load(panel + k * COLS + group[g] * GN);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      const VF xk = VF::set1(x[i * ldx + k]);
-      for (int g = 0; g < CGF; ++g) acc[i][g] = VF::fma(xk, w[g], acc[i][g]);
+      const V xk = V::set1(x[i * ldx + k]);
+      for (int g = 0; g < CG; ++g) acc[i][g] = V::fma(xk, w[g], acc[i][g]);
     }
   }
+  if (bias != nullptr)  // padded to whole panels
+    for (int i = 0; i < R; ++i)
+      for (int g = 0; g < CG; ++g) acc[i][g] = acc[i][g] + V::load(bias + group[g] * GN);
+  const int out_groups = gated ? CG / 2 : CG;
   for (int i = 0; i < R; ++i)
-    for (int g = 0; g < CGF; ++g) {
-      const int64_t col = (g0 + g) * GNF, n = std::min<int64_t>(GNF, ncols - col);
-      if (n <= 0) break;
-      VF y = acc[i][g];
-      if (bias != nullptr) y = y + VF::load(bias + col);  // padded to whole panels
-      y.store(c + i * ldc + col, n);
+    for (int g = 0; g < out_groups; ++g) {
+      const int64_t n = std::min<int64_t>(GN, ncols - out_col[g]);
+      if (n <= 0) continue;
+      const V y = gated ? vec::silu(acc[i][g]) * acc[i][g + CG / 2] : acc[i][g];
+      y.store(c + i * ldc + out_col[g], n);
     }
 }
 
 // The tiles of `rows` (<= MR) rows over one panel's column tiles.
 void f32w_rows(int64_t rows, const float* x, int64_t ldx, const float* panel, int64_t K, const float* bias, float* c,
-               int64_t ldc, int64_t ncols, const char* pf, int64_t pf_lines) {
-  constexpr int64_t tiles = GROUPS_F / CGF;
-  for (int64_t t = 0; t < tiles && t * CGF * GNF < ncols; ++t) {
+               int64_t ldc, int64_t ncols, const char* pf, int64_t pf_lines, bool gated) {
+  int64_t group[CG], out_col[CG];
+  const int64_t tiles = tile_groups(0, gated, group, out_col);
+  for (int64_t t = 0; t < tiles; ++t) {
+    tile_groups(t, gated, group, out_col);
+    if (out_col[0] >= ncols) break;
     const char* tpf = pf == nullptr ? nullptr : pf + 64 * (pf_lines * t / tiles);
     const int64_t tl = pf_lines * (t + 1) / tiles - pf_lines * t / tiles;
-    auto call = [&](auto r) {
-      f32w_tile<decltype(r)::value>(x, ldx, panel, K, t * CGF, bias, c, ldc, ncols, tpf, tl);
-    };
-    switch (rows) {
-      case 1: call(std::integral_constant<int, 1>{}); break;
-      case 2: call(std::integral_constant<int, 2>{}); break;
-      case 3: call(std::integral_constant<int, 3>{}); break;
-      case 4: call(std::integral_constant<int, 4>{}); break;
-      case 5: call(std::integral_constant<int, 5>{}); break;
-      default: call(std::integral_constant<int, MR>{});
-    }
+    by_rows(rows, [&](auto r) {
+      f32w_tile<decltype(r)::value>(x, ldx, panel, K, group, bias, c, ldc, out_col, ncols, tpf, tl, gated);
+    });
   }
 }
 
@@ -473,31 +491,47 @@ at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, con
   return out;
 }
 
-at::Tensor gemm_pack_weight_f32(const at::Tensor& w) {
+at::Tensor gemm_pack_weight_f32(const at::Tensor& w, bool gated) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(), "pack_weight_f32: fp32 [N, K] on CPU");
-  const int64_t N = w.size(0), K = w.size(1), P = (N + COLS - 1) / COLS;
+  const int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK(K > 0, "pack_weight_f32: K must be positive");
-  at::Tensor out = at::zeros({P * COLS, K}, w.options());  // rows past N stay zero
-  out.narrow(0, 0, N).copy_(w);
-  return out.view({P, COLS, K}).transpose(1, 2).contiguous();  // [P, K, 64]
+  TORCH_CHECK(!gated || N % 2 == 0, "pack_weight_f32: a gated weight has 2I rows, got ", N);
+  const int64_t P = gated ? (N / 2 + COLS / 2 - 1) / (COLS / 2) : (N + COLS - 1) / COLS;
+  // the panels' columns as rows of w, a missing column as row N (zeros)
+  at::Tensor index = at::empty({P * COLS}, w.options().dtype(at::kLong));
+  int64_t* pi = index.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t j = 0; j < COLS; ++j) {
+      const int64_t r = source_row(p, j, N, gated);
+      pi[p * COLS + j] = r >= 0 ? r : N;
+    }
+  const at::Tensor rows = at::cat({w, at::zeros({1, K}, w.options())}).index_select(0, index);  // [P * 64, K]
+  return rows.view({P, COLS, K}).transpose(1, 2).contiguous();  // [P, K, 64]
 }
 
 at::Tensor gemm_f32(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& next) {
+                    bool gated, const std::optional<at::Tensor>& next) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat && packed.dim() == 3 &&
                   packed.size(2) == COLS && packed.is_contiguous(),
               "gemm_f32: fp32 x and a packed weight from pack_weight_f32");
   const int64_t K = packed.size(1), P = packed.size(0);
-  TORCH_CHECK(x_in.size(-1) == K && n > 0 && (n + COLS - 1) / COLS == P, "gemm_f32: x [..., ", K,
-              "] and n matching the packed weight");
-  const auto [x, out] = rows_and_output(x_in, K, n);  // [M, K], [..., n]
+  const int64_t per_panel = gated ? COLS / 2 : COLS;  // output columns of one panel
+  const int64_t width = gated ? n / 2 : n;  // output columns
+  TORCH_CHECK(x_in.size(-1) == K && n > 0 && (!gated || n % 2 == 0) && (width + per_panel - 1) / per_panel == P,
+              "gemm_f32: x [..., ", K, "] and n matching the packed weight");
+  const auto [x, out] = rows_and_output(x_in, K, width);  // [M, K], [..., width]
   const int64_t M = x.size(0);
   if (M == 0) return out;
-  at::Tensor b32;  // bias padded to whole panels
+  at::Tensor b32;  // bias laid out as the panels' columns
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == n, "gemm_f32: bias of ", n, " values");
+    const at::Tensor b = bias->reshape({n}).contiguous();
     b32 = at::zeros({P * COLS}, x_in.options());
-    b32.narrow(0, 0, n).copy_(bias->reshape({n}));
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t j = 0; j < COLS; ++j) {
+        const int64_t r = source_row(p, j, n, gated);
+        if (r >= 0) b32.data_ptr<float>()[p * COLS + j] = b.data_ptr<float>()[r];
+      }
   }
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   const float* xp = x.data_ptr<float>();
@@ -507,7 +541,8 @@ at::Tensor gemm_f32(const at::Tensor& x_in, const at::Tensor& packed, int64_t n,
   for_tiles(M, P, 4 * K, reinterpret_cast<const char*>(wp), panel_values * 4, next_call(next, 4),
             [&](int64_t rows, int64_t m0, int64_t p, const char* pf, int64_t pf_lines) {
               f32w_rows(rows, xp + m0 * K, K, wp + p * panel_values, K, bp == nullptr ? nullptr : bp + p * COLS,
-                        op + m0 * n + p * COLS, n, std::min<int64_t>(COLS, n - p * COLS), pf, pf_lines);
+                        op + m0 * width + p * per_panel, width, std::min<int64_t>(per_panel, width - p * per_panel),
+                        pf, pf_lines, gated);
             });
   return out;
 }
@@ -573,11 +608,11 @@ at::Tensor gemm(const at::Tensor&, const at::Tensor&, int64_t, const std::option
   TORCH_CHECK(false, "the bf16 gemm needs a CPU with AVX2 or AVX-512");
   return {};
 }
-at::Tensor gemm_pack_weight_f32(const at::Tensor&) {
+at::Tensor gemm_pack_weight_f32(const at::Tensor&, bool) {
   TORCH_CHECK(false, "the fp32 gemm needs a CPU with AVX2 or AVX-512");
   return {};
 }
-at::Tensor gemm_f32(const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
+at::Tensor gemm_f32(const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&, bool,
                     const std::optional<at::Tensor>&) {
   TORCH_CHECK(false, "the fp32 gemm needs a CPU with AVX2 or AVX-512");
   return {};
