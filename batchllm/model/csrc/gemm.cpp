@@ -55,10 +55,13 @@ namespace {
 using bf16 = at::BFloat16;
 constexpr int64_t COLS = 64;                      // output columns per panel
 constexpr int NV = COLS / 16;                     // zmm registers per step of a panel
-// rows per tile; AVX2: 5 x 2 accumulators, 2 weight vectors (one half of the pairs at a time), a broadcast x and the
-// odd-half mask fit the 16 ymm. 6 rows spilled: 62-65% of the FMA peak against 76-89% across runs with both halves
-// live, and 0.8x of 5 rows with one half at a time (kernel_efficiency.py, kernel_ab.py --gemm, Zen 5)
-constexpr int MR = vec::Best::N == 8 ? 5 : 6;
+// rows per tile. AVX2: 6 x 2 accumulators, 2 weight vectors (one half of the pairs at a time) and a broadcast x take 15
+// of the 16 ymm, so a 6-row tile over bf16 weights clears the odd half of the pairs with two shifts, not a mask in a
+// register (ODD_BY_SHIFTS). 6 rows with the mask spilled (62-65% of the FMA peak). SmolLM2's projections, 44-1400 rows,
+// 2 threads, Zen 5: 5-row tiles ran at 86-88% (bf16 weights) and 83-88% (fp32), 6-row tiles run at 90-96% and
+// 92-95%; kernel_ab.py --gemm 1.01-1.05x at 30-300 rows, 1.09-1.15x at 12, unchanged at 1-10. The tile templates are
+// noinline: inlined into their dispatch, every tile ran 0.65-0.9x (register allocation across the switch).
+constexpr int MR = 6;
 constexpr int64_t ROW_BLOCK_BYTES = 512 * 1024;   // x rows of one row block, kept in L2
 
 // Output column j of panel p comes from weight row source_row(p, j, ...), or from none (-1: a zero column).
@@ -179,7 +182,9 @@ void tile_rows(int64_t rows, const XRow* x, int64_t ldx, const void* w_, int64_t
 #else
 using XRow = float;  // x converted to fp32 once per call
 
-// The bf16 pairs of a column group at step j: the even-k weights as fp32 (the low halves), and the odd-k ones.
+// The bf16 pairs of a column group at step j: the even-k weights as fp32 (the low halves), and the odd-k ones (the
+// high halves, masked). `odd_half_by_shifts` clears the low halves with two shifts instead of the mask, which then
+// needs no register (one more instruction).
 inline V even_half(const bf16* w) {
 #if defined(BATCHLLM_HAS_V16)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(w), 16));
@@ -198,12 +203,26 @@ inline V odd_half(const bf16* w) {
 #endif
 }
 
+inline V odd_half_by_shifts(const bf16* w) {
+#if defined(BATCHLLM_HAS_V16)
+  return odd_half(w);
+#else
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(raw, 16), 16));
+#endif
+}
+
+// Whether a tile of R rows clears the odd half by shifts: where the mask would take the last of the 16 registers
+// (AVX2, 6 rows: 12 accumulators, 2 weight vectors, a broadcast x).
+template <int R>
+constexpr bool ODD_BY_SHIFTS = V::N == 8 && R * CG + CG + 2 >= 16;
+
 // One tile: R rows of fp32 x (row stride ldx) times the CG column groups `group[]` of one panel (pairs layout: step j
 // holds 2 * COLS bf16), every output the same chain of FMAs over k = 0 .. K-1 whatever the batch. Non-gated: writes
 // the groups' columns; gated: group[0 .. CG/2) are gate columns whose up columns are group[CG/2 ..), and the tile
 // writes bf16(silu(gate) * up) of their features.
 template <int R>
-void f32tile(const float* x, int64_t ldx, const bf16* panel, int64_t steps, const int64_t* group, const float* bias,
+__attribute__((noinline)) void f32tile(const float* x, int64_t ldx, const bf16* panel, int64_t steps, const int64_t* group, const float* bias,
              bf16* c, int64_t ldc, const int64_t* out_col, int64_t ncols, const char* pf, int64_t pf_lines,
              bool gated) {
   V acc[R][CG];
@@ -223,7 +242,8 @@ void f32tile(const float* x, int64_t ldx, const bf16* panel, int64_t steps, cons
       const V xe = V::set1(x[i * ldx + 2 * j]);
       for (int g = 0; g < CG; ++g) acc[i][g] = V::fma(xe, w[g], acc[i][g]);
     }
-    for (int g = 0; g < CG; ++g) w[g] = odd_half(wj + group[g] * 2 * GN);
+    for (int g = 0; g < CG; ++g)
+      w[g] = ODD_BY_SHIFTS<R> ? odd_half_by_shifts(wj + group[g] * 2 * GN) : odd_half(wj + group[g] * 2 * GN);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const V xo = V::set1(x[i * ldx + 2 * j + 1]);
@@ -268,7 +288,7 @@ void tile_rows(int64_t rows, const XRow* x, int64_t ldx, const void* w, int64_t 
 // k = 0 .. K-1 in order, whatever the batch. Gated, the tile writes silu(gate) * up: the bits of `silu_mul` (fp32)
 // applied to the plain product.
 template <int R>
-void f32w_tile(const float* x, int64_t ldx, const float* panel, int64_t K, const int64_t* group, const float* bias,
+__attribute__((noinline)) void f32w_tile(const float* x, int64_t ldx, const float* panel, int64_t K, const int64_t* group, const float* bias,
                float* c, int64_t ldc, const int64_t* out_col, int64_t ncols, const char* pf, int64_t pf_lines,
                bool gated) {
   V acc[R][CG];
