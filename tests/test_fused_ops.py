@@ -187,6 +187,16 @@ def test_fp32_silu_mul_is_within_2e_6_of_exact_silu_times_up(kernels):
     assert torch.equal(kernels.silu_mul(big)[0, :3], torch.zeros(3))  # exp(-gate) overflows: 0, not NaN
 
 
+def test_fused_ops_refuse_other_dtypes_and_mixed_ones(kernels):
+    half = torch.zeros(2, 8, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="bf16 or fp32"):
+        kernels.rms_norm(half, torch.zeros(8, dtype=torch.float16), 1e-5)
+    with pytest.raises(RuntimeError, match="w must be a contiguous Float"):
+        kernels.rms_norm(torch.zeros(2, 8), torch.zeros(8, dtype=BF16), 1e-5)
+    with pytest.raises(RuntimeError, match="bf16 or fp32"):
+        kernels.silu_mul(half)
+
+
 @pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 1, 32)])
 def test_fp32_rope_write_kv_is_torch_within_2_ulps_and_writes_the_exact_rows(heads, kv_heads, d, kernels):
     q, k, eq, ek = rope_case(kernels, torch.float32, heads, kv_heads, d)

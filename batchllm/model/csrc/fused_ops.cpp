@@ -66,9 +66,10 @@ struct Io<float> {
   static V round(V v) { return v; }
 };
 
+// t is a contiguous CPU tensor of the call's dtype (bf16 or fp32; by_dtype refuses any other).
 void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(), name, " must be a contiguous ",
-              dtype == at::kBFloat16 ? "bf16" : "fp32", " CPU tensor like x");
+              c10::toString(dtype), " CPU tensor, as the call's other tensors");
 }
 
 void check_bf16(const at::Tensor& t, const char* name) {
@@ -165,6 +166,7 @@ at::Tensor silu_mul(const at::Tensor& gu) {
 void rope_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
                    const at::Tensor& positions, at::Tensor& kv, const at::Tensor& slots) {
   const at::ScalarType dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "rope_write_kv: bf16 or fp32 tensors only");
   TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, "q, k, v must have one dtype");
   check(cos, "cos", dtype);
   check(sin, "sin", dtype);
