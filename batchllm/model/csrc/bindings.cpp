@@ -42,7 +42,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of bf16 or fp32 rows (HF order of roundings)");
   m.def("add_rms_norm", &add_rms_norm, "x += delta in place, then RMSNorm of x (bf16 or fp32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (bf16 or fp32)");
-  m.def("rope_write_kv", &rope_write_kv, "rotary embedding of q, k in place and K/V written to cache slots (bf16 or fp32)");
+  m.def("rope_write_kv", &rope_write_kv,
+        "rotary embedding of q, k in place and K/V written to cache slots (bf16 or fp32)");
   m.def("bf16_kernels", &bf16_kernels, "whether this build has the bf16 gemm, attention and fused ops");
   m.def("isa", &isa, "the kernel path this module was built for: portable, avx2, avx512 or avx512bf16");
   m.def("merge", &merge, "log-sum-exp merge of partial attention results into bf16 rows (fp32 rows if fp32)",

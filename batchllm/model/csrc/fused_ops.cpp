@@ -133,7 +133,8 @@ at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor
       for (int64_t r = b; r < e; ++r) {
         T* xr = px + r * n;
         const T* dr = pd + r * n;
-        for (int64_t i = 0; i < n; i += L) Io<T>::store(Io<T>::load(xr + i, n - i) + Io<T>::load(dr + i, n - i), xr + i, n - i);
+        for (int64_t i = 0; i < n; i += L)
+          Io<T>::store(Io<T>::load(xr + i, n - i) + Io<T>::load(dr + i, n - i), xr + i, n - i);
         norm_row(xr, pw, po + r * n, n, static_cast<float>(eps));
       }
     });

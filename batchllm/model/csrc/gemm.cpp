@@ -222,9 +222,10 @@ constexpr bool ODD_BY_SHIFTS = V::N == 8 && R * CG + CG + 2 >= 16;
 // the groups' columns; gated: group[0 .. CG/2) are gate columns whose up columns are group[CG/2 ..), and the tile
 // writes bf16(silu(gate) * up) of their features.
 template <int R>
-__attribute__((noinline)) void f32tile(const float* x, int64_t ldx, const bf16* panel, int64_t steps, const int64_t* group, const float* bias,
-             bf16* c, int64_t ldc, const int64_t* out_col, int64_t ncols, const char* pf, int64_t pf_lines,
-             bool gated) {
+__attribute__((noinline)) void f32tile(const float* x, int64_t ldx, const bf16* panel, int64_t steps,
+                                       const int64_t* group, const float* bias, bf16* c, int64_t ldc,
+                                       const int64_t* out_col, int64_t ncols, const char* pf, int64_t pf_lines,
+                                       bool gated) {
   V acc[R][CG];
   for (int i = 0; i < R; ++i)
     for (int g = 0; g < CG; ++g) acc[i][g] = V::zero();
@@ -288,9 +289,10 @@ void tile_rows(int64_t rows, const XRow* x, int64_t ldx, const void* w, int64_t 
 // k = 0 .. K-1 in order, whatever the batch. Gated, the tile writes silu(gate) * up: the bits of `silu_mul` (fp32)
 // applied to the plain product.
 template <int R>
-__attribute__((noinline)) void f32w_tile(const float* x, int64_t ldx, const float* panel, int64_t K, const int64_t* group, const float* bias,
-               float* c, int64_t ldc, const int64_t* out_col, int64_t ncols, const char* pf, int64_t pf_lines,
-               bool gated) {
+__attribute__((noinline)) void f32w_tile(const float* x, int64_t ldx, const float* panel, int64_t K,
+                                         const int64_t* group, const float* bias, float* c, int64_t ldc,
+                                         const int64_t* out_col, int64_t ncols, const char* pf, int64_t pf_lines,
+                                         bool gated) {
   V acc[R][CG];
   for (int i = 0; i < R; ++i)
     for (int g = 0; g < CG; ++g) acc[i][g] = V::zero();
